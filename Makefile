@@ -1,0 +1,31 @@
+# The two set-up commands of the README (and an optional third). Each creates the virtual
+# environment and installs what it needs on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: run test lint
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch + torchvision first, as a pair (see pyproject.toml), then everything else
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/python -c "import prismkit.core.model, torchvision, rapidocr, onnxruntime"
+	touch $(STAMP)
+
+# Main job on the embedded offline default: train on easy-vqa, print the loss, write a checkpoint.
+run: $(STAMP)
+	$(BIN)/prismkit train offline_default --steps 150 --out-dir runs/offline_default
+
+# The test suite (what CI runs).
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .

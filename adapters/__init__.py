@@ -1,0 +1,5 @@
+"""Residual adaptors inserted in every frozen vision block and language layer."""
+
+from prismkit.adapters.residual import ResidualAdaptor
+
+__all__ = ["ResidualAdaptor"]

@@ -1,0 +1,1 @@
+"""Backbones, model assembly, plugin host, configs, checkpoints and the command line."""

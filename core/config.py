@@ -1,0 +1,206 @@
+"""Typed model configs, read from TOML. One comment per field."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+
+class ConfigError(ValueError):
+    """A config file or field is wrong; the message names the file and the field."""
+
+
+@dataclass
+class VisionConfig:
+    # registered vision backbone (transformer blocks + weight loader)
+    backbone: str = "clip_vit"
+    # registered image stem turning RGB into a patch grid
+    stem: str = "patch"
+    # hub id or local folder of the pretrained backbone; None = random init
+    pretrained: str | None = None
+    # weights of the image stem when it has its own (e.g. a CNN); None = stem's default
+    stem_pretrained: str | None = None
+    # input resolution (square), pixels
+    image_size: int = 224
+    # stride of the stem: one token per patch_size x patch_size pixels
+    patch_size: int = 16
+    # transformer width
+    width: int = 768
+    # number of transformer blocks
+    layers: int = 12
+    # attention heads
+    heads: int = 12
+    # MLP hidden size = mlp_ratio * width
+    mlp_ratio: float = 4.0
+    # MLP activation: "quick_gelu" (CLIP) or "gelu"
+    act: str = "quick_gelu"
+    # LayerNorm epsilon
+    eps: float = 1e-5
+    # freeze the transformer blocks (True for a pretrained CLIP ViT)
+    frozen: bool = True
+    # freeze the image stem
+    stem_frozen: bool = True
+    # per-channel normalisation of RGB in [0, 1]
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class LanguageConfig:
+    # registered language backbone
+    backbone: str = "roberta"
+    # hub id or local folder of the pretrained model; None = random init
+    pretrained: str | None = None
+    # tokenizer hub id or folder; None = same as pretrained
+    tokenizer: str | None = None
+    # vocabulary size
+    vocab_size: int = 50265
+    # hidden size
+    width: int = 768
+    # decoder layers
+    layers: int = 12
+    # attention heads
+    heads: int = 12
+    # feed-forward hidden size
+    intermediate: int = 3072
+    # position embeddings in the checkpoint
+    max_positions: int = 514
+    # token-type embeddings in the checkpoint
+    type_vocab_size: int = 1
+    # LayerNorm epsilon
+    eps: float = 1e-5
+    # freeze the pretrained weights (pre-training); False fine-tunes the whole language model
+    frozen: bool = True
+
+
+@dataclass
+class ResamplerConfig:
+    # registered resampler
+    name: str = "perceiver"
+    # learned latent queries (output tokens)
+    latents: int = 64
+    # cross-attention layers
+    layers: int = 4
+    # attention heads
+    heads: int = 8
+
+
+@dataclass
+class AdaptorConfig:
+    # registered adaptor
+    name: str = "residual"
+    # bottleneck width = ratio * model width
+    ratio: float = 0.5
+
+
+@dataclass
+class ModelConfig:
+    # display name
+    name: str = "prismer"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    # enabled experts by registered name; empty = PrismerZ (RGB only)
+    experts: list[str] = field(default_factory=list)
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
+    adaptor: AdaptorConfig = field(default_factory=AdaptorConfig)
+    # hidden channels of the expert conv stems
+    stem_channels: int = 64
+    # registered head/objective
+    head: str = "lm"
+    # label smoothing of the next-token loss
+    label_smoothing: float = 0.1
+    # longest text (prompt + target) in tokens, including BOS/EOS
+    max_text_len: int = 40
+
+    @property
+    def is_prismerz(self) -> bool:
+        return not self.experts
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> ModelConfig:
+        return _build(cls, data, source, "")
+
+
+def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{source}: [{prefix.rstrip('.') or 'model'}] must be a table, got {data!r}"
+        )
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown field(s) {[prefix + u for u in unknown]}; known: {sorted(names)}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(hints[key], value, source, prefix + key)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, source: str, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, where + ".")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, source, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: field {where} must be a list, got {value!r}")
+        return [_coerce(args[0], v, source, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(
+                f"{source}: field {where} must be a list of {len(args)} numbers, got {value!r}"
+            )
+        return tuple(_coerce(a, v, source, where) for a, v in zip(args, value, strict=True))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise ConfigError(f"{source}: field {where} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ModelConfig:
+    """Read a model config TOML (``[model]`` table or top level), then apply ``a.b=value`` overrides."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    data = data.get("model", data)
+    for item in overrides or []:
+        apply_override(data, item, str(path))
+    return ModelConfig.from_dict(data, str(path))
+
+
+def apply_override(data: dict[str, Any], item: str, source: str = "--set") -> None:
+    """Set ``data["a"]["b"] = value`` from ``"a.b=value"``; the value is parsed as TOML."""
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise ConfigError(f"override {item!r} must look like field.sub=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string
+    *parents, last = key.strip().split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value

@@ -1,0 +1,13 @@
+"""Built-in plugin: the named model configs shipped as TOML files beside this module."""
+
+from pathlib import Path
+
+from prismkit.core.hookspecs import hookimpl
+
+CONFIG_DIR = Path(__file__).resolve().parent
+
+
+@hookimpl
+def register_model_configs(register) -> None:
+    for path in sorted(CONFIG_DIR.glob("*.toml")):
+        register(path.stem, path)

@@ -1,0 +1,74 @@
+"""The hooks a prismkit plugin can implement.
+
+Every hook hands the plugin a ``register`` callback; the host owns naming and collisions
+(a duplicate name raises and names both plugins). A plugin is a plain module listed under
+``[project.entry-points.prismkit]`` in its distribution's pyproject::
+
+    from prismkit import hookimpl
+
+    @hookimpl
+    def register_experts(register):
+        register(MyExpert)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+PROJECT = "prismkit"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_experts(register: Callable[[type], None]) -> None:
+    """Register domain experts (subclasses of ``prismkit.experts.Expert``): ``register(DepthExpert)``.
+
+    The class attributes ``name``, ``kind``, ``channels``, ``requires`` and ``version`` are the
+    expert's contract; the core reads them and never branches on the name.
+    """
+
+
+@hookspec
+def register_image_stems(register: Callable[[type], None]) -> None:
+    """Register image stems (``prismkit.core.vision.ImageStem`` subclasses) that turn an RGB batch
+    ``(B, 3, H, W)`` into a feature grid ``(B, D, H/s, W/s)``: ``register(PatchStem)``."""
+
+
+@hookspec
+def register_vision_backbones(register: Callable[[type], None]) -> None:
+    """Register vision transformers (``prismkit.core.vision.VisionBackbone`` subclasses) with their
+    weight loader: ``register(ClipViT)``."""
+
+
+@hookspec
+def register_language_backbones(register: Callable[[type], None]) -> None:
+    """Register language backbones (``prismkit.core.language.TextDecoder`` subclasses) run as
+    causal decoders with cross-attention: ``register(RobertaDecoder)``."""
+
+
+@hookspec
+def register_adaptors(register: Callable[[type], None]) -> None:
+    """Register residual adaptors inserted in every vision block and language layer:
+    ``register(ResidualAdaptor)``. Constructor: ``cls(width=..., hidden=...)``."""
+
+
+@hookspec
+def register_resamplers(register: Callable[[type], None]) -> None:
+    """Register expert-token resamplers: ``register(PerceiverResampler)``. Constructor:
+    ``cls(width=..., latents=..., layers=..., heads=...)``; forward ``(B, N, D) -> (B, L, D)``."""
+
+
+@hookspec
+def register_heads(register: Callable[[type], None]) -> None:
+    """Register heads/objectives that turn decoder outputs and a batch into a loss:
+    ``register(LMObjective)``."""
+
+
+@hookspec
+def register_model_configs(register: Callable[[str, Any], None]) -> None:
+    """Register named model configs: ``register("prismer_base", path_to_toml)``. The value is a
+    path to a TOML file or a ``prismkit.core.config.ModelConfig``."""

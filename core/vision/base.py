@@ -1,0 +1,39 @@
+"""Contracts for image stems and vision backbones."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+
+class ImageStem(nn.Module, ABC):
+    """RGB ``(B, 3, H, W)`` (normalised) -> feature grid ``(B, width, H/stride, W/stride)``."""
+
+    # registered name
+    name: ClassVar[str]
+    # default weights source for the stem's own pretrained trunk, if it has one
+    default_pretrained: ClassVar[str | None] = None
+
+    def __init__(self, *, width: int, patch_size: int) -> None:
+        super().__init__()
+        self.width = width
+        self.patch_size = patch_size
+
+    def load_pretrained(self, source: str | None) -> None:
+        """Load the stem's own trunk weights (a no-op for stems loaded with the backbone)."""
+
+    def always_trainable(self) -> list[nn.Module]:
+        """Parts that train even when the stem is frozen (a new projection on a frozen CNN)."""
+        return []
+
+    @abstractmethod
+    def forward(self, images: Tensor) -> Tensor:
+        """``(B, 3, H, W) -> (B, width, H/patch_size, W/patch_size)``."""
+
+
+class VisionBackbone(nn.Module):
+    """Patch grid -> tokens: positional embedding, transformer blocks with adaptors."""
+
+    name: ClassVar[str]

@@ -1,0 +1,113 @@
+"""Object detection painted as an instance-id map (default: DETR ResNet-50, COCO)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from prismkit.experts._common import check_images
+from prismkit.experts._hf import (
+    hf_weights_status,
+    id2label_names,
+    load_model_and_processor,
+    preprocess,
+)
+from prismkit.experts.base import Expert, LabelMap, WeightsStatus
+
+
+def paint_boxes(boxes: Tensor, height: int, width: int) -> tuple[Tensor, list[int]]:
+    """Paint ``(N, 4)`` xyxy pixel boxes into an ``(H, W)`` int64 map, largest box first so smaller
+    boxes stay on top. Returns the map (box ``order[i]`` has index ``i + 1``, 0 = no box) and
+    ``order``."""
+    out = torch.zeros(height, width, dtype=torch.int64)
+    if len(boxes) == 0:
+        return out, []
+    boxes = boxes.detach().float().cpu()
+    area = (boxes[:, 2] - boxes[:, 0]).clamp_min(0) * (boxes[:, 3] - boxes[:, 1]).clamp_min(0)
+    order = sorted(range(len(boxes)), key=lambda i: (-float(area[i]), i))
+    for index, i in enumerate(order, start=1):
+        x0, y0, x1, y1 = (float(v) for v in boxes[i])
+        c0 = min(max(math.floor(x0), 0), width - 1)
+        r0 = min(max(math.floor(y0), 0), height - 1)
+        c1 = max(min(math.ceil(x1), width), c0 + 1)
+        r1 = max(min(math.ceil(y1), height), r0 + 1)
+        out[r0:r1, c0:c1] = index
+    return out, order
+
+
+class ObjectDetection(Expert):
+    """Boxes from ``AutoModelForObjectDetection`` + ``post_process_object_detection``, kept when
+    their score is at least ``threshold`` (0.5, as in the reference), painted as instances.
+
+    ``weights``: a hub id or a local checkpoint folder; default ``"facebook/detr-resnet-50"``.
+    The reference orders occluding boxes by depth; this expert orders them by area (larger boxes
+    painted first, smaller on top) and needs no depth.
+
+    Output: ``(B, H, W)`` int64 instance ids (0 = background);
+    ``names[b] == ["background", class of instance 1, class of instance 2, ...]``.
+    """
+
+    name: ClassVar[str] = "obj_detection"
+    kind: ClassVar[Literal["dense", "semantic"]] = "semantic"
+    channels: ClassVar[int] = 64
+    default_weights: ClassVar[str] = "facebook/detr-resnet-50"
+
+    def __init__(
+        self,
+        *,
+        weights: str | None = None,
+        device: str | torch.device = "cpu",
+        threshold: float = 0.5,
+    ) -> None:
+        super().__init__(weights=weights, device=device)
+        self.threshold = threshold
+        self._model: Any = None
+        self._processor: Any = None
+        self._classes: tuple[str, ...] = ()
+
+    @property
+    def ref(self) -> str:
+        """The hub id or folder the weights load from."""
+        return self.weights or self.default_weights
+
+    def weights_status(self) -> WeightsStatus:
+        return hf_weights_status(self.ref)
+
+    def load(self) -> None:
+        if self._model is not None:
+            return
+        from transformers import AutoModelForObjectDetection
+
+        self._model, self._processor = load_model_and_processor(
+            AutoModelForObjectDetection, self.ref, self.device
+        )
+        self._classes = id2label_names(self._model.config)
+        self.vocabulary = ("background", *self._classes)
+
+    def _label(self, class_id: int) -> str:
+        return (
+            self._classes[class_id] if 0 <= class_id < len(self._classes) else f"class {class_id}"
+        )
+
+    @torch.inference_mode()
+    def predict(self, images: Tensor, inputs: dict[str, LabelMap]) -> LabelMap:
+        """``images (B, 3, H, W)`` in [0, 1] -> instance ids ``(B, H, W)`` int64."""
+        b, h, w = check_images(self.name, images)
+        self.load()
+        batch = preprocess(self._processor, images.to(self.device), self.device)
+        outputs = self._model(**batch)
+        results = self._processor.post_process_object_detection(
+            outputs, threshold=self.threshold, target_sizes=[(h, w)] * b
+        )
+        maps, names = [], []
+        for res in results:
+            keep = res["scores"] >= self.threshold
+            boxes, labels = res["boxes"][keep], res["labels"][keep]
+            painted, order = paint_boxes(boxes, h, w)
+            maps.append(painted)
+            names.append(["background", *(self._label(int(labels[i])) for i in order)])
+        values = torch.stack(maps).to(images.device)
+        return self.check_output(LabelMap(values, names), images)

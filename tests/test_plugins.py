@@ -1,0 +1,137 @@
+"""The plugin host: entry points, plugins.toml, strict registration, a real third-party distribution."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+
+from prismkit import hookimpl
+from prismkit.core.cli import main
+from prismkit.core.host import PluginError, PluginsConfig, get_plugin_manager
+
+
+def test_builtins_are_entry_point_plugins():
+    host = get_plugin_manager()
+    names = {p.name for p in host.plugins}
+    assert {"vision", "language", "adapters", "resampler", "heads", "configs", "experts"} <= names
+    assert all(p.distribution == "prismkit" for p in host.plugins)
+    assert "clip_vit" in host.vision_backbones and "patch" in host.image_stems
+    assert {"bert", "roberta"} <= set(host.language_backbones.names())
+    assert host.adaptors.owner("residual") == "adapters"
+    vision = next(p for p in host.plugins if p.name == "vision")
+    assert vision.hooks == ("register_image_stems", "register_vision_backbones")
+
+
+def test_duplicate_registration_names_both_plugins():
+    from prismkit.adapters.residual import ResidualAdaptor
+
+    class Again:
+        __name__ = "again"
+
+        @hookimpl
+        def register_adaptors(self, register):
+            register(ResidualAdaptor)
+
+    with pytest.raises(
+        PluginError,
+        match="adaptors 'residual' is registered twice: by plugin 'adapters' and by plugin 'again'",
+    ):
+        get_plugin_manager(extra_plugins=[Again()])
+
+
+def test_misspelled_hook_is_caught():
+    class Typo:
+        __name__ = "typo"
+
+        @hookimpl
+        def register_expert(self, register):  # missing "s"
+            pass
+
+    with pytest.raises(Exception, match="register_expert"):
+        get_plugin_manager(extra_plugins=[Typo()])
+
+
+def test_plugins_toml_unknown_names(tmp_path):
+    bad = tmp_path / "plugins.toml"
+    bad.write_text('[plugins]\nenabled = ["vision", "nope"]\n')
+    with pytest.raises(PluginError, match=r"unknown plugin\(s\) \['nope'\]; installed: .*adapters"):
+        get_plugin_manager(bad)
+    bad.write_text('[experts]\nenabled = ["edge", "telepathy"]\n')
+    with pytest.raises(
+        PluginError, match=r"unknown expert\(s\) \['telepathy'\]; registered: .*depth"
+    ):
+        get_plugin_manager(bad)
+    bad.write_text("[plugin]\n")
+    with pytest.raises(PluginError, match="unknown section"):
+        get_plugin_manager(bad)
+    bad.write_text('[experts]\nenabled = "edge"\n')
+    with pytest.raises(PluginError, match="must be"):
+        get_plugin_manager(bad)
+
+
+def test_plugins_toml_selects_a_subset(tmp_path):
+    sub = tmp_path / "plugins.toml"
+    sub.write_text(
+        '[plugins]\nenabled = ["vision", "language", "adapters", "heads", "configs"]\n[experts]\nenabled = "*"\n'
+    )
+    host = get_plugin_manager(sub)
+    assert host.resamplers.names() == [] and host.experts.names() == []
+    assert PluginsConfig.load(sub).plugins == ["vision", "language", "adapters", "heads", "configs"]
+
+
+@pytest.fixture
+def third_party(tmp_path, monkeypatch):
+    """A real installed distribution (dist-info with an entry point) on sys.path."""
+    (tmp_path / "prismkit_example_plugin.py").write_text(
+        textwrap.dedent("""
+        import torch
+        from prismkit import hookimpl
+        from prismkit.experts import Expert, LabelMap
+
+        class Brightness(Expert):
+            name = "brightness"
+            kind = "dense"
+            channels = 1
+            version = "2"
+
+            def predict(self, images, inputs):
+                return LabelMap(images.mean(1, keepdim=True))
+
+        @hookimpl
+        def register_experts(register):
+            register(Brightness)
+    """)
+    )
+    info = tmp_path / "prismkit_example_plugin-0.3.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: prismkit-example-plugin\nVersion: 0.3.0\n"
+    )
+    (info / "entry_points.txt").write_text("[prismkit]\nbrightness = prismkit_example_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    sys.modules.pop("prismkit_example_plugin", None)
+
+
+def test_third_party_distribution_shows_up_and_can_be_used(third_party, tiny_dir, capsys):
+    from helpers import batch_for, tiny_config
+
+    from prismkit.core.model import create_model
+
+    host = get_plugin_manager()
+    info = next(p for p in host.plugins if p.name == "brightness")
+    assert (info.distribution, info.version, info.hooks) == (
+        "prismkit-example-plugin",
+        "0.3.0",
+        ("register_experts",),
+    )
+    assert host.experts.owner("brightness") == "brightness"
+    model = create_model(tiny_config(tiny_dir, experts=["brightness"]), host)
+    assert model.experts[0].channels == 1
+    model(**batch_for(model)).loss.backward()
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "brightness   prismkit-example-plugin 0.3.0" in out
+    assert "brightness      dense      1" in out
