@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prismkit.core import weights
 from prismkit.core.config import ModelConfig
-from prismkit.core.host import PluginHost, get_plugin_manager
+from prismkit.core.host import PluginError, PluginHost, get_plugin_manager
 from prismkit.core.language.decoder import TextDecoder
 from prismkit.core.vision.expert_stem import ExpertStem
 from prismkit.core.vision.vit import ClipViT
@@ -98,6 +99,14 @@ class PrismerModel(nn.Module):
         slots = []
         for name in config.experts:
             expert = host.expert(name)
+            for req in expert.requires:
+                if req not in host.experts or (
+                    host.enabled_experts is not None and req not in host.enabled_experts
+                ):
+                    raise PluginError(
+                        f"expert {name!r} (plugin {host.experts.owner(name)!r}) requires expert {req!r}, which is not "
+                        f"registered and enabled; enabled experts: {', '.join(host.enabled_experts or host.experts.names())}"
+                    )
             slots.append(ExpertSlot(name, expert.kind, expert.channels))
         stems = nn.ModuleDict(
             {
@@ -132,6 +141,19 @@ class PrismerModel(nn.Module):
     def load_pretrained(self) -> None:
         """Read the pretrained weights the config names (hub id, local folder or package)."""
         vc, lc = self.config.vision, self.config.language
+        for field, source in (
+            ("vision.pretrained", vc.pretrained),
+            ("language.pretrained", lc.pretrained),
+            ("vision.stem_pretrained", vc.stem_pretrained),
+        ):
+            if (
+                source
+                and source.startswith(("/", ".", "~"))
+                and not weights.status(source).available
+            ):
+                raise FileNotFoundError(
+                    f"{field} = {source!r}: {weights.status(source).where}; fix the path or use a hub id"
+                )
         if vc.pretrained:
             self.vision.load_pretrained(vc.pretrained)
         self.vision.stem.load_pretrained(vc.stem_pretrained)

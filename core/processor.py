@@ -40,7 +40,7 @@ def load_image(source: ImageLike) -> Tensor:
             arr = np.repeat(arr[..., None], 3, axis=2)
         if arr.ndim != 3 or arr.shape[2] not in (3, 4):
             raise ValueError(f"image array must be (H, W), (H, W, 3) or (H, W, 4); got {arr.shape}")
-        t = torch.from_numpy(np.ascontiguousarray(arr[..., :3])).permute(2, 0, 1)
+        t = torch.from_numpy(np.array(arr[..., :3], copy=True)).permute(2, 0, 1)
         return t.float() / 255 if t.dtype == torch.uint8 else t.float()
     if isinstance(source, Tensor):
         if source.dim() != 3 or source.shape[0] not in (1, 3):
@@ -93,7 +93,7 @@ class Processor:
             out.append(t.clamp(0, 1))
         return torch.stack(out)
 
-    def _ids(self, text: str, what: str) -> list[int]:
+    def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _check_len(self, n: int, text: str) -> None:
@@ -112,7 +112,7 @@ class Processor:
         for p, t in zip(prompts, targets, strict=True):
             if not t.strip():
                 raise ValueError(f"empty target text for prompt {p!r}")
-            pi, ti = self._ids(p, "prompt") if p else [], self._ids(t, "target")
+            pi, ti = self._ids(p) if p else [], self._ids(t)
             seq = [self.bos, *pi, *ti, self.eos]
             self._check_len(len(seq), p + " " + t)
             seqs.append(seq)
@@ -129,7 +129,7 @@ class Processor:
 
     def prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         """Generation prompts ``[BOS] prompt``, left-padded."""
-        seqs = [[self.bos, *(self._ids(p, "prompt") if p else [])] for p in prompts]
+        seqs = [[self.bos, *(self._ids(p) if p else [])] for p in prompts]
         for s, p in zip(seqs, prompts, strict=True):
             self._check_len(len(s), p)
         n = max(map(len, seqs))
@@ -142,7 +142,7 @@ class Processor:
 
     def candidates(self, candidates: Sequence[str]) -> list[list[int]]:
         """Answer candidates as token ids ending in EOS."""
-        return [[*self._ids(c, "candidate"), self.eos] for c in candidates]
+        return [[*self._ids(c), self.eos] for c in candidates]
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = list(ids)

@@ -83,7 +83,9 @@ class TestPlugin:
 
 
 def write_tokenizer(folder: Path) -> None:
-    from transformers import BertTokenizerFast
+    """A tiny lower-casing WordPiece tokenizer (BERT-style special tokens) saved to ``folder``."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     vocab = [
         "[PAD]",
@@ -98,8 +100,18 @@ def write_tokenizer(folder: Path) -> None:
         *"abcdefghijklmnopqrstuvwxyz",
     ]
     vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    fast.save_pretrained(folder)
 
 
 def tiny_config(tiny_dir: Path, name: str = "tiny", **fields) -> ModelConfig:

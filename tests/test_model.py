@@ -184,3 +184,22 @@ def test_every_language_backbone(host, tiny_dir, backbone):
         )
     model = create_model(cfg, host)
     model(**batch_for(model)).loss.backward()
+
+
+def test_missing_weights_folder_is_named(host, tiny_dir, tmp_path):
+    cfg = tiny_config(tiny_dir)
+    cfg.language.pretrained = str(tmp_path / "no_such_folder")
+    with pytest.raises(
+        FileNotFoundError, match="language.pretrained = .*no_such_folder.*does not exist"
+    ):
+        create_model(cfg, host)
+
+
+def test_expert_requirements_must_be_enabled(tiny_dir):
+    from prismkit.core.host import PluginError, PluginsConfig, get_plugin_manager
+
+    host = get_plugin_manager(PluginsConfig(plugins=None, experts=["normal", "edge"]))
+    with pytest.raises(
+        PluginError, match="expert 'normal' \\(plugin 'experts'\\) requires expert 'depth'"
+    ):
+        create_model(tiny_config(tiny_dir, experts=["normal"]), host)

@@ -135,3 +135,18 @@ def test_third_party_distribution_shows_up_and_can_be_used(third_party, tiny_dir
     out = capsys.readouterr().out
     assert "brightness   prismkit-example-plugin 0.3.0" in out
     assert "brightness      dense      1" in out
+
+
+def test_every_hook_is_documented_in_the_readme():
+    """Like datasette's: a hook that users cannot find in the README is a bug."""
+    from pathlib import Path
+
+    from prismkit.core import hookspecs
+    from prismkit.core.host import KINDS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    specs = [n for n in dir(hookspecs) if n.startswith("register_")]
+    assert sorted(specs) == sorted(KINDS.values())
+    for name in specs:
+        assert f"`{name}`" in readme, f"hook {name} is not documented in README.md"
+        assert getattr(hookspecs, name).__doc__, f"hook {name} has no docstring"
