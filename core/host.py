@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,6 @@ from types import ModuleType
 from typing import Any
 
 import pluggy
-import tomllib
 
 from prismkit.core import hookspecs
 
