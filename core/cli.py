@@ -127,6 +127,12 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from prismkit.core.bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def cmd_configs(args: argparse.Namespace) -> int:
     host = get_plugin_manager(args.plugins_toml)
     for name, value in host.model_configs.items():
@@ -134,19 +140,89 @@ def cmd_configs(args: argparse.Namespace) -> int:
     return 0
 
 
+RUN_PREFIXES = ("train.", "data.", "eval.")
+
+
+def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """``--set`` items for the run config (train./data./eval.) and for the model config."""
+    run = [i for i in items if i.startswith(RUN_PREFIXES)]
+    return run, [i for i in items if not i.startswith(RUN_PREFIXES)]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from prismkit.core.train import TrainConfig, train
+    from prismkit.core.train import TrainConfig, load_run_config, train
 
     host = get_plugin_manager(args.plugins_toml)
-    cfg = TrainConfig(
-        **{
-            f.name: getattr(args, f.name)
-            for f in fields(TrainConfig)
-            if getattr(args, f.name) is not None
-        }
-    )
-    result = train(resolve_config(host, args.config, args.set), cfg, host)
+    run_sets, model_sets = _split_overrides(args.set)
+    flags = [
+        f"train.{f.name}={_toml(getattr(args, f.name))}"
+        for f in fields(TrainConfig)
+        if getattr(args, f.name) is not None
+    ]
+    run = load_run_config(args.run, run_sets + flags)
+    result = train(resolve_config(host, args.config, model_sets), run, host, resume=args.resume)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def _toml(value: object) -> str:
+    return (
+        json.dumps(value)
+        if isinstance(value, str)
+        else str(value).lower()
+        if isinstance(value, bool)
+        else str(value)
+    )
+
+
+def _predictor(args: argparse.Namespace):
+    from prismkit.core.checkpoint import load_checkpoint
+    from prismkit.core.evaluate import Predictor
+    from prismkit.core.processor import Processor
+    from prismkit.core.train import ExpertFeeder
+
+    host = get_plugin_manager(args.plugins_toml)
+    model = load_checkpoint(args.checkpoint, host).eval()
+    return Predictor(
+        model,
+        Processor.from_config(model.config),
+        ExpertFeeder(model, host, getattr(args, "labels", "")),
+    ), host
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from prismkit.core.generation import BeamConfig
+
+    pred, _ = _predictor(args)
+    cfg = BeamConfig(beams=args.beams, max_length=args.max_length, min_length=args.min_length)
+    for path, cap in zip(args.images, pred.caption(args.images, args.prompt, cfg), strict=True):
+        print(f"{path}\t{cap}")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    pred, _ = _predictor(args)
+    candidates = [c.strip() for c in args.candidates.split(",")] if args.candidates else None
+    print(pred.answer([args.image], [args.question], candidates)[0])
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from prismkit.core.evaluate import evaluate
+    from prismkit.core.train import load_run_config
+
+    pred, host = _predictor(args)
+    run = load_run_config(args.run, args.set)
+    d = run.data
+    data = host.datasets.get(d.eval_dataset or d.dataset)(split=d.eval_split, **d.options)
+    metrics = evaluate(pred.model, pred.processor, data, pred.feeder, run.eval, limit=args.limit)
+    print(f"{'metric':<22}{'value':>10}")
+    for k, v in metrics.items():
+        print(f"{k:<22}{v:>10.4f}")
+    if args.out:
+        from prismkit.core.checkpoint import atomic_write
+
+        atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
     return 0
 
 
@@ -164,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
         "plugins", help="list loaded plugins, their hooks, experts and weights"
     ).set_defaults(func=cmd_plugins)
     sub.add_parser("configs", help="list registered model configs").set_defaults(func=cmd_configs)
+    b = sub.add_parser(
+        "bench", help="speed/memory benchmark: prints tables, writes JSON", add_help=False
+    )
+    b.add_argument(
+        "bench_args",
+        nargs=argparse.REMAINDER,
+        help="arguments of prismkit.core.bench (--quick, --out ...)",
+    )
+    b.set_defaults(func=cmd_bench)
     d = sub.add_parser(
         "describe", help="architecture and exact parameter counts (no download, meta device)"
     )
@@ -176,9 +261,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config field, e.g. vision.image_size=480",
     )
     d.set_defaults(func=cmd_describe)
-    t = sub.add_parser("train", help="short training run on easy-vqa, then a checkpoint")
-    t.add_argument("config", nargs="?", default="offline_default")
-    t.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    t = sub.add_parser(
+        "train", help="train a model config on a dataset (accelerate: one CPU to many GPUs)"
+    )
+    t.add_argument("config", nargs="?", default="offline_default", help="model config name or TOML")
+    t.add_argument("--run", help="run config TOML with [data], [train], [eval] tables")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a field: model fields (vision.width=...) or train./data./eval. fields",
+    )
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT_DIR/last (model, optimiser, RNG, data position)",
+    )
     for f in fields(TrainConfig):
         t.add_argument(
             "--" + f.name.replace("_", "-"),
@@ -187,6 +286,39 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
         )
     t.set_defaults(func=cmd_train)
+    for name, func, helptext in (
+        ("caption", cmd_caption, "caption images with a checkpoint"),
+        ("ask", cmd_ask, "answer a question about an image"),
+        ("eval", cmd_eval, "evaluate a checkpoint on a dataset"),
+    ):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("checkpoint", help="a prismkit .safetensors checkpoint")
+        c.add_argument(
+            "--labels", default="", help="label store folder (experts run on the fly otherwise)"
+        )
+        c.set_defaults(func=func)
+        if name == "caption":
+            c.add_argument("images", nargs="+")
+            c.add_argument("--prompt", default="a picture of")
+            c.add_argument("--beams", type=int, default=3)
+            c.add_argument("--max-length", type=int, default=20)
+            c.add_argument("--min-length", type=int, default=8)
+        elif name == "ask":
+            c.add_argument("image")
+            c.add_argument("question")
+            c.add_argument(
+                "--candidates",
+                help="comma-separated answers to rank (closed-ended); omit to generate",
+            )
+        else:
+            c.add_argument(
+                "--run", help="run config TOML ([data] names the dataset, [eval] the beam settings)"
+            )
+            c.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+            c.add_argument(
+                "--limit", type=int, default=None, help="evaluate only the first N samples"
+            )
+            c.add_argument("--out", help="write the metrics JSON here")
     return parser
 
 

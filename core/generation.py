@@ -39,6 +39,10 @@ def beam_search(
     Returns the best continuation of each prompt (token ids, without EOS).
     """
     cfg = cfg or BeamConfig()
+    if not 0 <= cfg.min_length < cfg.max_length:
+        raise ValueError(
+            f"need 0 <= min_length < max_length (max counts the EOS); got {cfg.min_length}, {cfg.max_length}"
+        )
     b, k = input_ids.shape[0], cfg.beams
     flat = torch.arange(b, device=vision.device).repeat_interleave(k)
     vision, ids, mask = vision[flat], input_ids[flat], attention_mask[flat]

@@ -69,6 +69,12 @@ def register_heads(register: Callable[[type], None]) -> None:
 
 
 @hookspec
+def register_datasets(register: Callable[[type], None]) -> None:
+    """Register dataset readers (``prismkit.core.data.VLDataset`` subclasses yielding ``Sample``):
+    ``register(CocoCaptions)``. Constructed with keyword options from the run config's ``[data]``."""
+
+
+@hookspec
 def register_model_configs(register: Callable[[str, Any], None]) -> None:
     """Register named model configs: ``register("prismer_base", path_to_toml)``. The value is a
     path to a TOML file or a ``prismkit.core.config.ModelConfig``."""

@@ -27,6 +27,7 @@ KINDS: dict[str, str] = {
     "adaptors": "register_adaptors",
     "resamplers": "register_resamplers",
     "heads": "register_heads",
+    "datasets": "register_datasets",
     "model_configs": "register_model_configs",
 }
 

