@@ -127,6 +127,12 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from prismkit.core.demo import main as demo_main
+
+    return demo_main(args.demo_args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from prismkit.core.bench import main as bench_main
 
@@ -186,7 +192,7 @@ def _predictor(args: argparse.Namespace):
     return Predictor(
         model,
         Processor.from_config(model.config),
-        ExpertFeeder(model, host, getattr(args, "labels", "")),
+        ExpertFeeder(model, host, getattr(args, "labels", ""), compute_missing=True),
     ), host
 
 
@@ -208,14 +214,23 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from prismkit.core.evaluate import evaluate
+    from prismkit.core.evaluate import evaluate_datasets
     from prismkit.core.train import load_run_config
 
     pred, host = _predictor(args)
     run = load_run_config(args.run, args.set)
     d = run.data
-    data = host.datasets.get(d.eval_dataset or d.dataset)(split=d.eval_split, **d.options)
-    metrics = evaluate(pred.model, pred.processor, data, pred.feeder, run.eval, limit=args.limit)
+    metrics = evaluate_datasets(
+        pred.model,
+        pred.processor,
+        host,
+        d.eval_dataset or d.dataset,
+        d.eval_split,
+        d.options,
+        pred.feeder,
+        run.eval,
+        args.limit,
+    )
     print(f"{'metric':<22}{'value':>10}")
     for k, v in metrics.items():
         print(f"{k:<22}{v:>10.4f}")
@@ -249,6 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="arguments of prismkit.core.bench (--quick, --out ...)",
     )
     b.set_defaults(func=cmd_bench)
+    e = sub.add_parser(
+        "demo", help="the embedded offline run: Prismer vs PrismerZ on easy-vqa", add_help=False
+    )
+    e.add_argument(
+        "demo_args",
+        nargs=argparse.REMAINDER,
+        help="arguments of prismkit.core.demo (--steps, --seeds ...)",
+    )
+    e.set_defaults(func=cmd_demo)
     d = sub.add_parser(
         "describe", help="architecture and exact parameter counts (no download, meta device)"
     )
@@ -319,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "--limit", type=int, default=None, help="evaluate only the first N samples"
             )
             c.add_argument("--out", help="write the metrics JSON here")
+    from prismkit.experts.commands import add_commands
+
+    add_commands(sub)
     return parser
 
 

@@ -45,6 +45,11 @@ class Sample:
     references: list[str] = field(default_factory=list)
 
 
+def label_key(sample: Sample) -> str:
+    """The label-store key of a sample's image: its file path (the store hashes the bytes)."""
+    return sample.image if isinstance(sample.image, str) else sample.image_id
+
+
 class VLDataset(Dataset):
     """Base of the readers: a list of samples plus what the task needs."""
 
@@ -378,6 +383,34 @@ class EasyVQACaptions(VLDataset):
             cap = f"a {color[i]} {shape[i]}"
             samples.append(Sample(paths[i], paths[i], prompt, cap, [cap]))
         super().__init__(_subset(samples, fraction, seed))
+
+
+class Mixture(VLDataset):
+    """Several datasets as one (their samples concatenated): ``"easyvqa+easyvqa_captions"``."""
+
+    name = "mixture"
+    task = "mixed"
+
+    def __init__(self, parts: list[VLDataset]) -> None:
+        samples = [s for p in parts for s in p.samples]
+        lists = [p.answer_list for p in parts if p.answer_list]
+        super().__init__(samples, lists[0] if lists else None)
+        self.parts = parts
+
+    def image(self, i: int) -> Tensor:
+        for p in self.parts:
+            if i < len(p):
+                return p.image(i)
+            i -= len(p)
+        raise IndexError(i)
+
+
+def build_dataset(registry, spec: str, split: str, **options: Any) -> VLDataset:
+    """One registered reader, or several joined with ``+`` (a :class:`Mixture`); options go to
+    every reader."""
+    names = [n.strip() for n in spec.split("+")]
+    parts = [registry.get(n)(split=split, **options) for n in names]
+    return parts[0] if len(parts) == 1 else Mixture(parts)
 
 
 BUILTIN_DATASETS = (

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from prismkit.core.data import VLDataset
+from prismkit.core.data import VLDataset, label_key
 from prismkit.core.generation import BeamConfig, beam_search, score_candidates
 from prismkit.core.model import PrismerModel
 from prismkit.core.processor import ImageLike, Processor
@@ -137,7 +137,7 @@ def evaluate(
         for idx in iter_batches(data, batch_size, limit):
             samples = [data[i] for i in idx]
             pixels = torch.stack([images(i) for i in idx])
-            ids = [s.image_id for s in samples]
+            ids = [label_key(s) for s in samples]
             questions = [s.prompt for s in samples]
             closed += pred.answer(
                 pixels, questions, data.answer_list, prompt="{}", top_k=cfg.top_k, ids=ids
@@ -161,7 +161,9 @@ def evaluate(
             samples = [data[i] for i in idx]
             seen |= {s.image_id for s in samples}
             pixels = torch.stack([images(i) for i in idx])
-            caps = pred.caption(pixels, samples[0].prompt, beam, ids=[s.image_id for s in samples])
+            caps = pred.caption(
+                pixels, samples[0].prompt, beam, ids=[label_key(s) for s in samples]
+            )
             for s, c in zip(samples, caps, strict=True):
                 preds[s.image_id] = c or "(empty)"
                 refs[s.image_id] = s.references or [s.target]
@@ -171,3 +173,27 @@ def evaluate(
     raise ValueError(
         f"dataset {data.name!r} has task {data.task!r}; evaluate supports 'vqa' and 'caption'"
     )
+
+
+def evaluate_datasets(
+    model: PrismerModel,
+    processor: Processor,
+    host,
+    spec: str,
+    split: str,
+    options: dict,
+    feeder,
+    cfg,
+    limit: int | None = None,
+) -> dict[str, float]:
+    """:func:`evaluate` on each reader of ``spec`` (``"easyvqa+easyvqa_captions"``); with several,
+    metric names are prefixed by the reader's name."""
+    from prismkit.core.data import build_dataset
+
+    names = spec.split("+")
+    metrics: dict[str, float] = {}
+    for name in names:
+        data = build_dataset(host.datasets, name, split, **options)
+        for k, v in evaluate(model, processor, data, feeder, cfg, limit=limit).items():
+            metrics[k if len(names) == 1 else f"{name}/{k}"] = v
+    return metrics

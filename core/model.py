@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -43,6 +43,8 @@ class PrismerOutput:
     loss: Tensor | None
     # (B, T, V) next-token logits; only computed when no labels were given
     logits: Tensor | None
+    # the objective's loss parts, for logging
+    parts: dict[str, Tensor] = field(default_factory=dict)
 
 
 class PrismerModel(nn.Module):
@@ -58,7 +60,7 @@ class PrismerModel(nn.Module):
         experts: list[ExpertSlot],
         expert_stems: nn.ModuleDict,
         resampler: nn.Module | None,
-        objective,
+        objective: nn.Module,
     ) -> None:
         super().__init__()
         if bool(experts) != (resampler is not None):
@@ -141,7 +143,7 @@ class PrismerModel(nn.Module):
     def load_pretrained(self) -> None:
         """Read the pretrained weights the config names (hub id, local folder or package)."""
         vc, lc = self.config.vision, self.config.language
-        for field, source in (
+        for name, source in (
             ("vision.pretrained", vc.pretrained),
             ("language.pretrained", lc.pretrained),
             ("vision.stem_pretrained", vc.stem_pretrained),
@@ -152,7 +154,7 @@ class PrismerModel(nn.Module):
                 and not weights.status(source).available
             ):
                 raise FileNotFoundError(
-                    f"{field} = {source!r}: {weights.status(source).where}; fix the path or use a hub id"
+                    f"{name} = {source!r}: {weights.status(source).where}; fix the path or use a hub id"
                 )
         if vc.pretrained:
             self.vision.load_pretrained(vc.pretrained)
@@ -312,11 +314,23 @@ class PrismerModel(nn.Module):
         labels: Tensor | None = None,
         experts: dict[str, ExpertInput] | None = None,
         prefix_len: Tensor | None = None,
+        **extra: object,
     ) -> PrismerOutput:
+        """With ``labels``: the configured objective's loss (and its parts); without: logits."""
+        if labels is not None:
+            loss, parts = self.objective(
+                self,
+                images=images,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                labels=labels,
+                experts=experts,
+                prefix_len=prefix_len,
+                **extra,
+            )
+            return PrismerOutput(loss, None, parts)
         vision = self.encode_image(images, experts)
         hidden, _ = self.language(input_ids, vision, attention_mask, prefix_len=prefix_len)
-        if labels is not None:
-            return PrismerOutput(self.objective(hidden, labels, self.language.logits), None)
         return PrismerOutput(None, self.language.logits(hidden))
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from prismkit.core.checkpoint import atomic_write, load_weights, save_checkpoint
 from prismkit.core.config import ConfigError, ModelConfig, _build
-from prismkit.core.data import VLDataset
+from prismkit.core.data import VLDataset, build_dataset, label_key
 from prismkit.core.host import PluginHost, get_plugin_manager
 from prismkit.core.model import ExpertInput, PrismerModel, create_model
 from prismkit.core.processor import Processor
@@ -154,10 +154,14 @@ def dense_inputs(experts: dict[str, Expert], images: torch.Tensor) -> dict[str, 
 
 
 class ExpertFeeder:
-    """Expert inputs of a batch for the model: from a label store when one is given (a missing
-    label is an error naming image and expert), else by running the experts on the batch."""
+    """Expert inputs of a batch for the model: from a label store when one is given, else by
+    running the experts on the batch. A label missing from the store is an error naming image and
+    expert (training), or computed on the fly with ``compute_missing=True`` (inference)."""
 
-    def __init__(self, model: PrismerModel, host: PluginHost, labels: str = "") -> None:
+    def __init__(
+        self, model: PrismerModel, host: PluginHost, labels: str = "", compute_missing: bool = False
+    ) -> None:
+        self.compute_missing = compute_missing
         self.slots = model.experts
         self.experts = {s.name: host.expert(s.name)() for s in self.slots}
         # experts needed as inputs of enabled ones (normals read depth) run too, unused by the model
@@ -178,14 +182,21 @@ class ExpertFeeder:
     def __call__(self, images: torch.Tensor, image_ids: list[str]) -> dict[str, ExpertInput]:
         if not self.slots:
             return {}
+        maps = None
         if self.store is not None:
-            maps = {
-                s.name: self.store.get_batch(
-                    image_ids, type(self.experts[s.name]), images.shape[-2:]
-                )
-                for s in self.slots
-            }
-        else:
+            from prismkit.experts.store import MissingLabelsError
+
+            try:
+                maps = {
+                    s.name: self.store.get_batch(
+                        image_ids, type(self.experts[s.name]), images.shape[-2:]
+                    )
+                    for s in self.slots
+                }
+            except MissingLabelsError:
+                if not self.compute_missing:
+                    raise
+        if maps is None:
             maps = expert_labels(self.experts, images)
         out: dict[str, ExpertInput] = {}
         for s in self.slots:
@@ -318,8 +329,13 @@ def train(
     model.freeze(cfg.stage)
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)
     processor = Processor.from_config(model_cfg)
-    data = host.datasets.get(dcfg.dataset)(
-        split="train", fraction=dcfg.fraction * cfg.fraction, seed=cfg.seed, **dcfg.options
+    data = build_dataset(
+        host.datasets,
+        dcfg.dataset,
+        "train",
+        fraction=dcfg.fraction * cfg.fraction,
+        seed=cfg.seed,
+        **dcfg.options,
     )
     feeder = ExpertFeeder(model, host, dcfg.labels)
     images = _Images(data, model_cfg.vision.image_size)
@@ -355,7 +371,7 @@ def train(
                 ).items()
             }
             with torch.no_grad():
-                experts = feeder(pixels, [s.image_id for s in samples])
+                experts = feeder(pixels, [label_key(s) for s in samples])
             with acc.accumulate(model), acc.autocast():
                 loss = model(
                     pixels,
@@ -421,15 +437,24 @@ def train(
             )
             result["checkpoint"] = str(ckpt)
     if step >= cfg.steps and cfg.eval_questions and acc.is_main_process:
-        from prismkit.core.evaluate import evaluate
+        from prismkit.core.evaluate import evaluate_datasets
 
-        split = host.datasets.get(dcfg.eval_dataset or dcfg.dataset)(
-            split=dcfg.eval_split, **dcfg.options
+        spec = dcfg.eval_dataset or dcfg.dataset
+        metrics = evaluate_datasets(
+            raw,
+            processor,
+            host,
+            spec,
+            dcfg.eval_split,
+            dcfg.options,
+            feeder,
+            run.eval,
+            cfg.eval_questions,
         )
-        metrics = evaluate(raw, processor, split, feeder, run.eval, limit=cfg.eval_questions)
         result["eval"] = metrics
         acc.print(
-            "eval: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            "eval: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("samples"))
         )
         if writer is not None:
             for k, v in metrics.items():
