@@ -108,3 +108,19 @@ def test_candidate_scores_match_direct_likelihood(trained_ish):
     assert (torch.isfinite(top).sum(-1) == 2).all()
     finite = torch.isfinite(top)
     torch.testing.assert_close(top[finite], scores[finite])
+
+
+def test_text_only_decoding_skips_cross_attention(trained_ish):
+    """No vision tokens: the language model alone (BLIP's text encoder, SimVLM's text batches)."""
+    model, vision, ids, mask = trained_ish
+    h, cache = model.language(ids, None, mask)
+    assert all(kv is None for kv in cache.cross_kv)
+    step, _ = model.language(
+        ids[:, -1:],
+        None,
+        torch.ones(2, 1, dtype=torch.long),
+        cache=cache.select(torch.tensor([1, 0])),
+    )
+    assert step.shape == (2, 1, 32) and torch.isfinite(step).all()
+    with_vision, _ = model.language(ids, vision, mask)
+    assert not torch.allclose(h, with_vision)

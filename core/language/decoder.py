@@ -21,7 +21,7 @@ class DecoderCache:
     position per step, cross-attention ``(k, v)`` computed once, and the key padding mask."""
 
     self_kv: list[tuple[Tensor, Tensor]]
-    cross_kv: list[tuple[Tensor, Tensor]]
+    cross_kv: list[tuple[Tensor, Tensor] | None]
     # (B, T) 1 for real tokens, 0 for padding, over every position seen so far
     key_mask: Tensor
 
@@ -29,7 +29,7 @@ class DecoderCache:
         """Reorder the batch (beam search)."""
         return DecoderCache(
             [(k[index], v[index]) for k, v in self.self_kv],
-            [(k[index], v[index]) for k, v in self.cross_kv],
+            [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.cross_kv],
             self.key_mask[index],
         )
 
@@ -62,8 +62,10 @@ class DecoderLayer(nn.Module):
     ) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         a, self_kv = self.self_attn(x, mask=mask, past=past)
         x = self.attn_norm(x + a)
-        c, cross_kv = self.cross_attn(self.cross_norm(x), kv=vision, fixed_kv=cross_kv)
-        x = self.adaptor(x + c)
+        if vision is not None or cross_kv is not None:
+            c, cross_kv = self.cross_attn(self.cross_norm(x), kv=vision, fixed_kv=cross_kv)
+            x = x + c
+        x = self.adaptor(x)  # text-only (no vision): the unimodal text model
         x = self.ffn_norm(x + self.fc2(self.act(self.fc1(x))))
         return x, self_kv, cross_kv
 
@@ -135,7 +137,8 @@ class TextDecoder(nn.Module):
 
         Args:
             input_ids: ``(B, T)`` token ids (new tokens only when ``cache`` is given).
-            vision: ``(B, Nv, D)`` vision tokens; may be None when ``cache`` holds them.
+            vision: ``(B, Nv, D)`` vision tokens; None when ``cache`` holds them, or for text
+                alone (cross-attention skipped: BLIP's unimodal encoder, SimVLM's text-only data).
             attention_mask: ``(B, T)`` 1 for tokens, 0 for padding (left or right).
             prefix_len: ``(B,)`` tokens that attend bidirectionally (prefix LM); None = causal.
         """
