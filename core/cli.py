@@ -343,9 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "--limit", type=int, default=None, help="evaluate only the first N samples"
             )
             c.add_argument("--out", help="write the metrics JSON here")
-    from prismkit.experts.commands import add_commands
+    from prismkit.core.capfilt import add_commands as add_capfilt_commands
+    from prismkit.core.muvla import add_commands as add_muvla_commands
+    from prismkit.experts.commands import add_commands as add_experts_commands
 
-    add_commands(sub)
+    add_experts_commands(sub)
+    add_capfilt_commands(sub)
+    add_muvla_commands(sub)
     return parser
 
 

@@ -112,6 +112,8 @@ class ModelConfig:
     stem_channels: int = 64
     # registered head/objective
     head: str = "lm"
+    # keyword options of the head (e.g. BLIP's queue_size, momentum, alpha)
+    head_options: dict[str, Any] = field(default_factory=dict)
     # label smoothing of the next-token loss
     label_smoothing: float = 0.1
     # longest text (prompt + target) in tokens, including BOS/EOS

@@ -64,8 +64,10 @@ def register_resamplers(register: Callable[[type], None]) -> None:
 
 @hookspec
 def register_heads(register: Callable[[type], None]) -> None:
-    """Register heads/objectives that turn decoder outputs and a batch into a loss:
-    ``register(LMObjective)``."""
+    """Register heads/objectives (``nn.Module``s the model owns): ``register(LMObjective)``.
+    Constructor: ``cls(label_smoothing=..., width=..., vision_width=...)`` (widths of the language
+    model and of the vision tokens it reads); called as ``objective(model, images=..., input_ids=...,
+    attention_mask=..., labels=..., experts=..., prefix_len=..., **extra) -> (loss, parts)``."""
 
 
 @hookspec

@@ -379,7 +379,8 @@ def vqa_scores(
     disagree the official punctuation step is applied to them; ``normalize_answers=True``
     normalises them fully instead, for datasets whose answers are raw text. The score averages
     ``min(#matching other annotators / 3, 1)`` over every leave-one-annotator-out subset: with
-    10 answers, 1 match -> 0.3, 2 -> 0.6, 3 -> 0.9, 4 or more -> 1.0.
+    10 answers, 1 match -> 0.3, 2 -> 0.6, 3 -> 0.9, 4 or more -> 1.0. With a single reference
+    answer (datasets with one annotator, like easy-vqa) the score is exact match.
     """
     if len(predictions) != len(answers):
         raise ValueError(f"vqa_scores: {len(predictions)} predictions, {len(answers)} answer lists")
@@ -393,6 +394,9 @@ def vqa_scores(
             gts = [normalize_vqa_answer(a) for a in gts]
         elif len(set(gts)) > 1:
             gts = [_vqa_punctuation(a) for a in gts]
+        if len(gts) == 1:  # one reference answer (easy-vqa, say): the subset average is undefined
+            scores.append(float(gts[0] == result))
+            continue
         matches = sum(gt == result for gt in gts)
         per_subset = [min(1.0, (matches - (gt == result)) / 3) for gt in gts]
         scores.append(sum(per_subset) / len(per_subset))

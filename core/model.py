@@ -127,7 +127,13 @@ class PrismerModel(nn.Module):
             resampler = host.resamplers.get(rc.name)(
                 width=vc.width, latents=rc.latents, layers=rc.layers, heads=rc.heads
             )
-        objective = host.heads.get(config.head)(label_smoothing=config.label_smoothing)
+        # heads with parameters (BLIP's projections, ITM head) are sized from the widths
+        objective = host.heads.get(config.head)(
+            label_smoothing=config.label_smoothing,
+            width=config.language.width,
+            vision_width=config.language.width,
+            **config.head_options,
+        )
         model = cls(
             config=config,
             vision=vision,
@@ -170,9 +176,11 @@ class PrismerModel(nn.Module):
         if stage not in ("pretrain", "finetune"):
             raise ValueError(f"stage must be 'pretrain' or 'finetune', got {stage!r}")
         v, lang = self.vision, self.language
+        # the objective's own parameters (BLIP's projections and ITM head) always train
         mods: list[nn.Module] = [
             self.vision_proj,
             self.expert_stems,
+            self.objective,
             v.pre_layrnorm,
             v.post_layernorm,
         ]

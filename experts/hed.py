@@ -158,6 +158,8 @@ class HEDEdges(Expert):
     """
 
     name: ClassVar[str] = "edge_hed"
+
+    gallery_cmap: ClassVar[str] = "gray"  # dense edges: grey, like Canny
     kind: ClassVar[Literal["dense", "semantic"]] = "dense"
     channels: ClassVar[int] = 1
 

@@ -209,3 +209,11 @@ def test_topk_accuracy() -> None:
         topk_accuracy(scores, [0, 1], topk=(7,))
     with pytest.raises(ValueError, match="labels"):
         topk_accuracy(scores, [0, 6])
+
+
+def test_vqa_single_reference_is_exact_match() -> None:
+    from prismkit.core.metrics import vqa_accuracy
+
+    assert vqa_accuracy(["circle", "Red", "no"], [["circle"], ["red"], ["yes"]]) == pytest.approx(
+        2 / 3
+    )

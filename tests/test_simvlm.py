@@ -1,0 +1,329 @@
+"""SimVLM plugin: ResNet conv tokenizer, prefix-LM objective, prefix generation, training."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from helpers import tiny_config
+from safetensors.torch import save_file
+
+from prismkit import hookimpl
+from prismkit.core import simvlm
+from prismkit.core.config import ModelConfig
+from prismkit.core.evaluate import Predictor
+from prismkit.core.generation import BeamConfig
+from prismkit.core.heads import IGNORE
+from prismkit.core.host import PluginHost, get_plugin_manager
+from prismkit.core.model import PrismerModel, create_model
+from prismkit.core.processor import Processor
+from prismkit.core.simvlm import (
+    PrefixDecoder,
+    PrefixLMObjective,
+    ResNet152StagesStem,
+    ResNetStagesStem,
+    prefix_caption,
+    prefix_vqa,
+    resnet_trunk_filter,
+    sample_prefix_len,
+)
+from prismkit.core.train import DataConfig, RunConfig, TrainConfig, train
+
+IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+class ResNet18Stages(ResNetStagesStem):
+    """A small registered variant (256 channels) for end-to-end tests."""
+
+    name = "resnet18_stages"
+    default_arch = "resnet18"
+    default_pretrained = None
+
+
+class TinyStemPlugin:
+    __name__ = "tiny_stem_plugin"
+
+    @hookimpl
+    def register_image_stems(self, register):
+        register(ResNet18Stages)
+
+
+def simvlm_host(*extra: object) -> PluginHost:
+    """The installed plugins, plus the SimVLM module while its entry point is not installed."""
+    installed = "prefix_lm" in get_plugin_manager().heads
+    return get_plugin_manager(extra_plugins=[*([] if installed else [simvlm]), *extra])
+
+
+@pytest.fixture(scope="module")
+def resnet18_file(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A whole timm resnet18 checkpoint (non-trivial BN statistics) saved as safetensors."""
+    torch.manual_seed(1)
+    net = timm.create_model("resnet18", pretrained=False)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    path = tmp_path_factory.mktemp("resnet") / "resnet18.safetensors"
+    save_file(state, str(path))
+    return path, state
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir) -> PrismerModel:
+    cfg = tiny_config(tiny_dir, "tiny_z", head="prefix_lm")
+    m = create_model(cfg, simvlm_host())
+    m.eval()
+    return m
+
+
+def _batch(b: int = 3, t: int = 9, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded text with BOS (id 2); labels -100 on BOS, a 2-token prompt and padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 60, (b, t), generator=g)
+    ids[:, 0] = 2
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    labels = ids.masked_fill(mask == 0, IGNORE)
+    labels[:, :3] = IGNORE
+    images = torch.rand(b, 3, 32, 32, generator=g)
+    return {"images": images, "input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# -- stem ---------------------------------------------------------------------------------------
+def test_stem_grid_and_channels():
+    stem = ResNetStagesStem(width=24, arch="resnet18")
+    assert stem.out_channels == 256 and stem.proj.in_channels == 256
+    assert stem(torch.randn(2, 3, 64, 48)).shape == (2, 24, 4, 3)
+    base, large = ResNetStagesStem(width=8), ResNet152StagesStem(width=8)
+    assert (base.arch, base.out_channels) == ("resnet101", 1024)
+    assert (large.arch, large.out_channels) == ("resnet152", 1024)
+    assert not hasattr(base, "layer4") and not hasattr(base, "fc")
+    with pytest.raises(ValueError, match="stride 16"):
+        ResNetStagesStem(width=8, patch_size=8, arch="resnet18")
+
+
+def test_frozen_trunk_keeps_batchnorm_statistics():
+    stem = ResNetStagesStem(width=8, arch="resnet18")
+    stem.requires_grad_(False)
+    for m in stem.always_trainable():
+        m.requires_grad_(True)
+    stem.train()
+    bns = [m for m in stem.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns) and stem.proj.training
+    before = stem.bn1.running_mean.clone()
+    stem(torch.randn(2, 3, 32, 32)).sum().backward()
+    torch.testing.assert_close(stem.bn1.running_mean, before)
+    assert stem.proj.weight.grad is not None and stem.conv1.weight.grad is None
+    stem.requires_grad_(True).train()  # a trainable trunk updates its statistics
+    assert all(m.training for m in bns)
+
+
+def test_trunk_filter_keeps_stem_and_three_stages():
+    state = timm.create_model("resnet18", pretrained=False).state_dict()
+    kept = resnet_trunk_filter(state)
+    assert {k.split(".")[0] for k in kept} == {"conv1", "bn1", "layer1", "layer2", "layer3"}
+    assert set(state) - set(kept) == {k for k in state if k.startswith(("layer4.", "fc."))}
+
+
+def test_load_pretrained_safetensors_round_trip(resnet18_file):
+    path, state = resnet18_file
+    stem = ResNetStagesStem(width=8, arch="resnet18").eval()
+    proj = {k: v.clone() for k, v in stem.proj.state_dict().items()}
+    stem.load_pretrained(str(path))
+    loaded = stem.state_dict()
+    for k, v in resnet_trunk_filter(state).items():
+        torch.testing.assert_close(loaded[k], v, rtol=0, atol=0)
+    for k, v in proj.items():  # the new projection is not in the checkpoint and is kept
+        torch.testing.assert_close(loaded["proj." + k], v, rtol=0, atol=0)
+    net = timm.create_model("resnet18", pretrained=False).eval()
+    net.load_state_dict(state)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        feats = net.layer3(net.layer2(net.layer1(net.maxpool(net.act1(net.bn1(net.conv1(x)))))))
+        torch.testing.assert_close(stem(x), stem.proj(feats))
+
+
+def test_load_pretrained_rejects_wrong_files(resnet18_file, tmp_path):
+    path, _ = resnet18_file
+    with pytest.raises(RuntimeError):  # a resnet18 checkpoint does not fit resnet34's trunk
+        ResNetStagesStem(width=8, arch="resnet34").load_pretrained(str(path))
+    with pytest.raises(FileNotFoundError):
+        ResNetStagesStem(width=8, arch="resnet18").load_pretrained(str(tmp_path / "none.pt"))
+
+
+# -- prefix LM ----------------------------------------------------------------------------------
+def test_split_points_uniform_and_reproducible():
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for row, n in enumerate((7, 3, 2)):  # real tokens incl. BOS; L = n - 1 after BOS
+        mask[row, :n] = 1
+    draws = torch.stack(
+        [sample_prefix_len(mask, torch.Generator().manual_seed(s)) for s in range(1200)]
+    )
+    counts = torch.bincount(draws[:, 0], minlength=7)
+    assert counts[:2].sum() == 0 and counts[2:].min() > 1200 / 5 * 0.75  # uniform over 2..6
+    assert (draws[:, 1] == 2).all() and (draws[:, 2] == 1).all()  # L=2: BOS+1; L=1: BOS only
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert torch.equal(sample_prefix_len(mask, g1), sample_prefix_len(mask, g2))
+
+
+@torch.no_grad()
+def test_prefix_attends_bidirectionally_suffix_causally(model):
+    lang = model.language
+    ids = torch.randint(5, 60, (1, 8), generator=torch.Generator().manual_seed(0))
+    vision = torch.randn(1, 5, 32)
+    prefix = torch.tensor([4])
+
+    def changed(pos: int, prefix_len: torch.Tensor | None) -> list[bool]:
+        other = ids.clone()
+        other[0, pos] = (other[0, pos] + 1) % 60 + 5
+        a, _ = lang(ids, vision, prefix_len=prefix_len)
+        b, _ = lang(other, vision, prefix_len=prefix_len)
+        return [not torch.allclose(a[0, i], b[0, i], atol=1e-6) for i in range(8)]
+
+    assert changed(3, prefix) == [True] * 8  # the last prefix token reaches the first one
+    assert changed(4, prefix) == [False] * 4 + [True] * 4  # the suffix never reaches the prefix
+    assert changed(6, prefix) == [False] * 6 + [True] * 2  # ... nor earlier suffix tokens
+    assert changed(3, None) == [False] * 3 + [True] * 5  # causal without a prefix
+
+
+@torch.no_grad()
+def test_loss_only_on_suffix_and_split_is_seeded(model):
+    batch = _batch()
+    prefix = torch.tensor([5, 4, 6])
+    obj = PrefixLMObjective(label_smoothing=0.1)
+    base, parts = obj(model, **batch, prefix_len=prefix)
+    assert torch.isfinite(base) and torch.equal(parts["prefix_lm"], base)
+    in_prefix = batch["labels"].clone()
+    in_prefix[0, 4] = 7  # position 4 < prefix 5: not learned
+    loss, _ = obj(model, **(batch | {"labels": in_prefix}), prefix_len=prefix)
+    torch.testing.assert_close(loss, base, rtol=0, atol=0)
+    in_suffix = batch["labels"].clone()
+    in_suffix[0, 6] = (in_suffix[0, 6] + 1) % 60 + 5
+    loss, _ = obj(model, **(batch | {"labels": in_suffix}), prefix_len=prefix)
+    assert not torch.allclose(loss, base)
+    seeded, _ = PrefixLMObjective(seed=3)(model, **batch)
+    drawn = sample_prefix_len(batch["attention_mask"], torch.Generator().manual_seed(3))
+    explicit, _ = obj(model, **batch, prefix_len=drawn)
+    torch.testing.assert_close(seeded, explicit)
+
+
+def test_text_only_batch_trains_the_language_side(model):
+    batch = _batch()
+    model.zero_grad(set_to_none=True)
+    loss = model(None, batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    lang = model.language
+    for name, p in lang.named_parameters():
+        if p.requires_grad:  # cross-attention is skipped; every other trainable part learns
+            assert (p.grad is None) == (".cross_" in name), name
+    layer = lang.layers[0]
+    for p in (lang.word_embeddings.weight, lang.head.bias, layer.adaptor.up.weight):
+        assert p.grad.abs().sum() > 0  # the adaptor is identity at init: only `up` moves first
+    assert all(p.grad is None for p in model.vision.parameters())
+    model.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def test_mixed_batch_is_the_token_weighted_mean_of_both_passes(model):
+    batch, prefix = _batch(), torch.tensor([3, 2, 4])
+    obj = PrefixLMObjective()
+    mixed, _ = obj(model, **batch, prefix_len=prefix, has_image=torch.tensor([True, False, True]))
+    rows = torch.tensor([0, 2])
+    img, _ = obj(model, **{k: v[rows] for k, v in batch.items()}, prefix_len=prefix[rows])
+    txt_batch = {k: v[1:2] for k, v in batch.items()} | {"images": None}
+    txt, _ = obj(model, **txt_batch, prefix_len=prefix[1:2])
+    real = batch["attention_mask"].cumsum(1) - 1
+    targets = (batch["labels"] != IGNORE) & (real >= prefix[:, None])
+    n_img, n_txt = int(targets[rows].sum()), int(targets[1].sum())
+    torch.testing.assert_close(mixed, (img * n_img + txt * n_txt) / (n_img + n_txt))
+    none, _ = obj(model, **batch, prefix_len=prefix, has_image=torch.zeros(3, dtype=torch.bool))
+    absent, _ = obj(model, **(batch | {"images": None}), prefix_len=prefix)
+    torch.testing.assert_close(none, absent)
+    with pytest.raises(ValueError, match="has_image"):
+        obj(model, **(batch | {"images": None}), has_image=torch.ones(3, dtype=torch.bool))
+
+
+# -- generation ---------------------------------------------------------------------------------
+@torch.no_grad()
+def test_prefix_decoder_cache_matches_full_recompute(model):
+    lang = model.language
+    ids = torch.randint(5, 60, (2, 5), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left-padded prompt
+    vision = torch.randn(2, 5, 32)
+    dec = PrefixDecoder(lang)
+    first, cache = dec(ids, vision, mask)
+    torch.testing.assert_close(first, lang(ids, vision, mask, prefix_len=mask.sum(1))[0])
+    assert not torch.allclose(first[:, 0], lang(ids, vision, mask)[0][:, 0])
+    nxt = torch.tensor([[7], [9]])
+    step, _ = dec(nxt, None, torch.ones_like(nxt), cache=cache)
+    full, _ = lang(
+        torch.cat([ids, nxt], 1),
+        vision,
+        torch.cat([mask, torch.ones_like(nxt)], 1),
+        prefix_len=mask.sum(1),
+    )
+    torch.testing.assert_close(step[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_caption_and_vqa(model, tiny_dir):
+    processor = Processor.from_config(model.config)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    cfg = BeamConfig(beams=2, max_length=5, min_length=2)
+    caps = prefix_caption(model, processor, images, cfg=cfg)
+    assert len(caps) == 2 and all(isinstance(c, str) and c for c in caps)
+    uncached = BeamConfig(beams=2, max_length=5, min_length=2, use_cache=False)
+    assert prefix_caption(model, processor, images, cfg=uncached) == caps
+    predictor = Predictor(model, processor, lambda pixels, ids: {})
+    assert prefix_caption(predictor, processor, images, cfg=cfg) == caps
+    answers = prefix_vqa(model, processor, images, ["what color?", "what shape?"])
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+# -- through the registry -----------------------------------------------------------------------
+def _resnet_config(tiny_dir: Path, stem_file: Path, clip: bool) -> ModelConfig:
+    """tiny_z with the prefix-LM head and the resnet18 tokenizer (stride 16: a 2x2 grid)."""
+    cfg = tiny_config(tiny_dir, "tiny_z", head="prefix_lm")
+    cfg.vision.stem, cfg.vision.patch_size = "resnet18_stages", 16
+    cfg.vision.stem_pretrained = str(stem_file)
+    cfg.vision.mean, cfg.vision.std = IMAGENET["mean"], IMAGENET["std"]
+    if not clip:  # SimVLM trains its transformer from scratch (like offline_default's ViT)
+        cfg.vision.pretrained, cfg.vision.frozen = None, False
+    return cfg
+
+
+def test_clip_weights_load_beside_a_batchnorm_stem(tiny_dir, resnet18_file):
+    create_model(
+        _resnet_config(tiny_dir, resnet18_file[0], clip=True), simvlm_host(TinyStemPlugin())
+    )
+
+
+def test_train_three_steps_through_the_registry(tiny_dir, tmp_path, resnet18_file):
+    host = simvlm_host(TinyStemPlugin())
+    assert host.heads.get("prefix_lm") is PrefixLMObjective
+    assert host.image_stems.get("resnet_stages") is ResNetStagesStem
+    assert host.image_stems.get("resnet152_stages") is ResNet152StagesStem
+    cfg = _resnet_config(tiny_dir, resnet18_file[0], clip=False)
+    built = create_model(cfg, host)
+    assert isinstance(built.objective, PrefixLMObjective)
+    stem = built.vision.stem
+    trainable = {id(p) for p in stem.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in stem.proj.parameters()}
+    torch.testing.assert_close(stem.conv1.weight, resnet18_file[1]["conv1.weight"])
+    t = TrainConfig(
+        steps=3, batch_size=4, lr=3e-3, warmup=1, eval_questions=0, out_dir=str(tmp_path)
+    )
+    run = RunConfig(data=DataConfig(dataset="easyvqa", fraction=0.05), train=t)
+    result = train(cfg, run, host)
+    losses = [
+        json.loads(line)["loss"] for line in (tmp_path / "log.jsonl").read_text().splitlines()
+    ]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert result["steps"] == 3 and math.isfinite(result["final_loss"])
+    assert (tmp_path / "model.safetensors").exists()
