@@ -1,5 +1,6 @@
 """CPU benchmark: matmul ceiling, training steps (throughput, FLOPs, MFU, memory), expert scaling
-with and without the Experts Resampler, semantic label tiling, and cached vs uncached beam search.
+with and without the Experts Resampler, semantic label tiling, cached vs uncached beam search,
+expert label generation speed and label-store data loading against the training step.
 
 Prints one table per section and writes everything as JSON (``--out``, atomically)::
 
@@ -30,6 +31,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from prismkit import hookimpl
@@ -38,9 +40,11 @@ from prismkit.core.config import ModelConfig
 from prismkit.core.generation import BeamConfig, beam_search
 from prismkit.core.host import PluginHost, get_plugin_manager
 from prismkit.core.model import PrismerModel, create_model
-from prismkit.core.processor import Processor
+from prismkit.core.processor import Processor, load_image
 from prismkit.core.train import TrainConfig, configure_optimizer, dense_inputs
 from prismkit.experts.base import Expert, LabelMap
+from prismkit.experts.run import resize_square, run_experts
+from prismkit.experts.store import LabelStore
 
 DEFAULT_OUT = "bench/results-cpu.json"
 TEXT_LEN = 16  # token ids per training sample; the first IGNORED_PREFIX labels are -100
@@ -73,6 +77,13 @@ class Settings:
     gen_batch: int
     gen_length: int
     gen_repeats: int
+    label_experts: tuple[str, ...] | None  # None: every registered expert
+    label_size: int
+    label_batch: int
+    label_repeats: int
+    loader_images: int
+    loader_workers: tuple[int, ...]
+    loader_step_batch: int  # offline_default training batch the loader is compared with
 
     @classmethod
     def make(cls, quick: bool) -> Settings:
@@ -92,6 +103,13 @@ class Settings:
                 gen_batch=1,
                 gen_length=8,
                 gen_repeats=1,
+                label_experts=("edge", "seg_superpixel"),
+                label_size=64,
+                label_batch=2,
+                label_repeats=1,
+                loader_images=32,
+                loader_workers=(0,),
+                loader_step_batch=2,  # section 2's quick batch: no extra training step
             )
         return cls(
             quick=False,
@@ -108,6 +126,13 @@ class Settings:
             gen_batch=8,
             gen_length=20,
             gen_repeats=2,
+            label_experts=None,
+            label_size=224,
+            label_batch=4,
+            label_repeats=3,
+            loader_images=256,
+            loader_workers=(0, 2),
+            loader_step_batch=32,
         )
 
 
@@ -634,6 +659,278 @@ def bench_generation(s: Settings, model: PrismerModel, host: PluginHost) -> dict
     return result
 
 
+# -- 6. expert label generation ----------------------------------------------------------------
+
+
+def photo_batch(size: int, batch: int) -> Tensor:
+    """Real photos (skimage astronaut, coffee, chelsea) resized to ``size x size``, cycled to
+    ``batch`` images: ``(batch, 3, size, size)`` in [0, 1]."""
+    from skimage import data
+
+    photos = [
+        resize_square(load_image(f()), size) for f in (data.astronaut, data.coffee, data.chelsea)
+    ]
+    return torch.stack([photos[i % len(photos)] for i in range(batch)])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def unavailable_reason(host: PluginHost, name: str) -> str | None:
+    """Why expert ``name`` (or an expert it requires) cannot run here; None when it can."""
+    cls = host.experts.get(name)
+    status = cls().weights_status()
+    if not status.available:
+        return f"weights missing: {status.where}"
+    for r in cls.requires:
+        if r not in host.experts:
+            return f"requires {r!r}, which no plugin registers"
+        why = unavailable_reason(host, r)
+        if why is not None:
+            return f"requires {r!r}: {why}"
+    return None
+
+
+@torch.inference_mode()
+def required_inputs(host: PluginHost, cls: type[Expert], images: Tensor) -> dict[str, LabelMap]:
+    """Labels of the experts ``cls`` requires, on CPU (recursively, untimed)."""
+    out = {}
+    for r in cls.requires:
+        req = host.experts.get(r)
+        out[r] = req().predict(images, required_inputs(host, req, images))
+    return out
+
+
+def expert_case(
+    cls: type[Expert],
+    images: Tensor,
+    inputs: dict[str, LabelMap],
+    device: torch.device,
+    repeats: int,
+) -> dict[str, Any]:
+    """Load time, first-call time and median batch time of one expert on ``device``."""
+    expert = cls(device=device)
+    x = images.to(device)
+    inputs = {k: LabelMap(v.values.to(device), v.names) for k, v in inputs.items()}
+
+    @torch.inference_mode()
+    def call() -> LabelMap:
+        out = expert.predict(x, inputs)
+        _sync(device)
+        return out
+
+    t0 = time.perf_counter()
+    expert.load()
+    _sync(device)
+    t1 = time.perf_counter()
+    cls.check_output(call(), x)  # warm-up, checked
+    t2 = time.perf_counter()
+    sec = statistics.median(median_time(call, warmup=0, repeats=repeats))
+    return {
+        "expert": cls.name,
+        "kind": cls.kind,
+        "device": device.type,
+        "load_s": t1 - t0,
+        "warmup_s": t2 - t1,
+        "s_per_batch": sec,
+        "images_per_s": x.shape[0] / sec,
+    }
+
+
+def bench_expert_labels(s: Settings, host: PluginHost) -> dict[str, Any]:
+    """Section 6: images per second of every registered expert that can run here."""
+    images = photo_batch(s.label_size, s.label_batch)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    results: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    for name, cls in host.experts.items():
+        if s.label_experts is not None and name not in s.label_experts:
+            skipped[name] = "not in quick mode"
+            continue
+        why = unavailable_reason(host, name)
+        if why is not None:
+            skipped[name] = why
+            continue
+        inputs = required_inputs(host, cls, images)
+        for device in devices:
+            results.append(expert_case(cls, images, inputs, device, s.label_repeats))
+            gc.collect()
+    result = {
+        "images": "skimage astronaut, coffee, chelsea (cycled)",
+        "size": s.label_size,
+        "batch": s.label_batch,
+        "repeats": s.label_repeats,
+        "results": results,
+        "skipped": skipped,
+    }
+    print_table(
+        f"6. expert label generation: batch {s.label_batch} photos at {s.label_size}x{s.label_size}"
+        f" (median of {s.label_repeats} after a warm-up; load = lazy weight loading)",
+        ["expert", "kind", "device", "load s", "first call s", "ms/batch", "images/s"],
+        [
+            [
+                r["expert"],
+                r["kind"],
+                r["device"],
+                r["load_s"],
+                r["warmup_s"],
+                1e3 * r["s_per_batch"],
+                r["images_per_s"],
+            ]
+            for r in results
+        ],
+    )
+    for name, why in skipped.items():
+        print(f"  skipped {name}: {why}")
+    return result
+
+
+# -- 7. data loading ---------------------------------------------------------------------------
+
+
+class StoreLabelDataset(Dataset):
+    """``(image (3, S, S), dense labels (C, S, S))`` per image file, labels via ``LabelStore.get``."""
+
+    def __init__(
+        self, paths: Sequence[str], store: LabelStore, expert: type[Expert], size: int
+    ) -> None:
+        self.paths, self.store, self.expert, self.size = list(paths), store, expert, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        path = self.paths[i]
+        image = load_image(path)
+        if tuple(image.shape[-2:]) != (self.size, self.size):
+            image = resize_square(image, self.size)
+        return image, self.store.get(path, self.expert).values[0]
+
+
+def loader_case(dataset: Dataset, batch: int, workers: int) -> dict[str, Any]:
+    """Two passes over ``dataset`` (persistent workers): the first includes worker start-up and
+    image hashing, the second is the steady rate."""
+    loader = DataLoader(
+        dataset, batch_size=batch, num_workers=workers, persistent_workers=workers > 0
+    )
+    rates = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        n = sum(len(x) for x, _ in loader)
+        rates.append(n / (time.perf_counter() - t0))
+    del loader  # shuts the persistent workers down
+    return {
+        "num_workers": workers,
+        "first_epoch_samples_per_s": rates[0],
+        "samples_per_s": rates[1],
+    }
+
+
+def loader_step(
+    s: Settings,
+    host: PluginHost,
+    train: Sequence[dict[str, Any]],
+    model: PrismerModel | None,
+    peak_flops: float,
+) -> dict[str, Any]:
+    """offline_default's training step at ``s.loader_step_batch``: from section 2, else measured."""
+    for r in train:
+        if r["config"] == "offline_default" and r["batch"] == s.loader_step_batch:
+            return {**r, "source": "section 2"}
+    if model is None:
+        torch.manual_seed(0)
+        model = create_model(resolve_config(host, "offline_default"), host)
+    return {**train_case(model, host, s.loader_step_batch, 1, peak_flops), "source": "measured"}
+
+
+def bench_loading(
+    s: Settings,
+    host: PluginHost,
+    train: Sequence[dict[str, Any]] = (),
+    model: PrismerModel | None = None,
+    peak_flops: float = 1e12,
+) -> dict[str, Any]:
+    """Section 7: easy-vqa images + "edge" labels read from a label store through a DataLoader,
+    against the samples per second of an offline_default training step."""
+    import easy_vqa
+
+    size, batch, name = 64, 32, "edge"
+    found = easy_vqa.get_train_image_paths()
+    paths = [found[k] for k in sorted(found)][: s.loader_images]
+    expert = host.experts.get(name)
+    step = loader_step(s, host, train, model, peak_flops)
+    step_sps = step["samples_per_s"]
+    with tempfile.TemporaryDirectory(prefix="prismkit-bench-") as root:
+        t0 = time.perf_counter()
+        report = run_experts(
+            paths, {name: expert()}, LabelStore(root, size), batch_size=batch, log=lambda _: None
+        )
+        build_s = time.perf_counter() - t0
+        if report.failures or report.computed != len(paths):
+            raise RuntimeError(f"label store build failed: {report.summary()}")
+        store_bytes = sum(f.stat().st_size for f in Path(root).rglob("*.safetensors"))
+        dataset = StoreLabelDataset(paths, LabelStore(root, size), expert, size)  # cold hashes
+        loaders = [loader_case(dataset, batch, w) for w in s.loader_workers]
+    for r in loaders:
+        r["load_ms_per_step_batch"] = 1e3 * step["batch"] / r["samples_per_s"]
+        r["loader_to_step_ratio"] = r["samples_per_s"] / step_sps
+        r["step_waits"] = r["samples_per_s"] < step_sps
+    result = {
+        "dataset": "easy_vqa train",
+        "expert": name,
+        "images": len(paths),
+        "size": size,
+        "batch": batch,
+        "store_build": {"s": build_s, "images_per_s": len(paths) / build_s},
+        "store_bytes": store_bytes,
+        "loaders": loaders,
+        "step": {
+            "config": step["config"],
+            "batch": step["batch"],
+            "image_size": resolve_config(host, "offline_default").vision.image_size,
+            "step_s": step["step_s"],
+            "samples_per_s": step_sps,
+            "source": step["source"],
+        },
+    }
+    st = result["step"]
+    print_table(
+        f"7. data loading: {len(paths)} easy-vqa images + {name!r} labels from a label store "
+        f"({size} px), DataLoader batch {batch}",
+        [
+            "workers",
+            "1st epoch samples/s",
+            "samples/s",
+            f"load ms/{st['batch']}",
+            "step samples/s",
+            "loader/step",
+            "step waits",
+        ],
+        [
+            [
+                r["num_workers"],
+                r["first_epoch_samples_per_s"],
+                r["samples_per_s"],
+                r["load_ms_per_step_batch"],
+                step_sps,
+                r["loader_to_step_ratio"],
+                "yes" if r["step_waits"] else "no",
+            ]
+            for r in loaders
+        ],
+    )
+    print(
+        f"  store: {len(paths)} images labelled by run_experts in {build_s:.2f}s "
+        f"({len(paths) / build_s:.0f} images/s), {store_bytes / 2**20:.2f} MiB\n"
+        f"  step: {st['config']} batch {st['batch']} at {st['image_size']} px, "
+        f"{st['step_s'] * 1e3:.0f} ms ({st['source']}); num_workers=0 adds the load time to "
+        f"every step, workers > 0 overlap it (but share the CPU cores with the step)"
+    )
+    return result
+
+
 # -- entry point -------------------------------------------------------------------------------
 
 
@@ -680,6 +977,11 @@ def main(argv: list[str] | None = None) -> int:
     experts = timed("experts", lambda: bench_experts(s, base))
     tiling = timed("label_tiling", lambda: bench_tiling(s))
     generation = timed("generation", lambda: bench_generation(s, model, host))
+    expert_labels = timed("expert_labels", lambda: bench_expert_labels(s, host))
+    loading = timed(
+        "data_loading",
+        lambda: bench_loading(s, host, train, model, matmul["best_gflops"] * 1e9),
+    )
     results = {
         "meta": {
             "quick": s.quick,
@@ -701,6 +1003,8 @@ def main(argv: list[str] | None = None) -> int:
         "experts": experts,
         "label_tiling": tiling,
         "generation": generation,
+        "expert_labels": expert_labels,
+        "data_loading": loading,
     }
     out = Path(args.out)
     write_json(out, results)

@@ -30,4 +30,22 @@ def test_bench_quick_writes_all_sections(tmp_path):
     gen = r["generation"]
     assert gen["cache"]["captions_per_s"] > 0 and gen["no_cache"]["captions_per_s"] > 0
     assert gen["cache"]["tokens_per_caption"] == gen["max_length"] - 1  # EOS not counted
+    labels = r["expert_labels"]
+    assert {e["expert"] for e in labels["results"] if e["device"] == "cpu"} == {
+        "edge",
+        "seg_superpixel",
+    }
+    for e in labels["results"]:
+        assert e["images_per_s"] > 0 and e["s_per_batch"] > 0 and e["load_s"] >= 0
+    assert "edge" not in labels["skipped"] and labels["skipped"]  # the rest, with reasons
+    loading = r["data_loading"]
+    assert loading["images"] == 32 and loading["store_bytes"] > 0
+    assert loading["store_build"]["images_per_s"] > 0
+    assert loading["step"]["config"] == "offline_default" and loading["step"]["samples_per_s"] > 0
+    assert loading["step"]["source"] == "section 2"  # quick mode reuses section 2's batch
+    assert [w["num_workers"] for w in loading["loaders"]] == [0]
+    for w in loading["loaders"]:
+        assert w["samples_per_s"] > 0 and w["first_epoch_samples_per_s"] > 0
+        assert w["loader_to_step_ratio"] > 0 and isinstance(w["step_waits"], bool)
+    assert set(r["meta"]["section_seconds"]) >= {"expert_labels", "data_loading"}
     assert not list(tmp_path.glob("*.tmp"))  # written atomically, no temp file left

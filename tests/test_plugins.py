@@ -150,3 +150,15 @@ def test_every_hook_is_documented_in_the_readme():
     for name in specs:
         assert f"`{name}`" in readme, f"hook {name} is not documented in README.md"
         assert getattr(hookspecs, name).__doc__, f"hook {name} has no docstring"
+
+
+def test_detectron2_plugin_says_why_it_is_not_loaded():
+    """detectron2 is not on PyPI: its plugin must not break the host, and must say why."""
+    import importlib.util
+
+    if importlib.util.find_spec("detectron2") is not None:
+        pytest.skip("detectron2 is installed here")
+    host = get_plugin_manager()
+    assert "detectron2" in host.skipped and "detectron2" in host.skipped["detectron2"]
+    assert "obj_detection_d2" not in host.experts
+    assert main(["plugins"]) == 0
