@@ -96,24 +96,48 @@ def caption_tokens(
     return ids, mask
 
 
+def text_hash(ids: Tensor, mask: Tensor) -> Tensor:
+    """``(B, T)`` token ids -> ``(B,)`` int64 hash of the real tokens: equal captions, equal hash
+    (collisions are astronomically unlikely for caption-length inputs)."""
+    x = (ids * mask).long()
+    powers = torch.full((x.shape[1],), 1_000_003, dtype=torch.long, device=x.device).cumprod(0)
+    return (x * powers).sum(1)
+
+
 def sample_hard_negatives(
-    sim: Tensor, positive: Tensor, generator: torch.Generator | None = None
+    sim: Tensor,
+    positive: Tensor,
+    generator: torch.Generator | None = None,
+    same: Tensor | None = None,
 ) -> Tensor:
     """One negative per row, drawn with probability ``softmax(sim) + 1e-4`` and the positive
-    zeroed (BLIP). ``sim (B, N)``, ``positive (B,)`` column of each row's match -> ``(B,)``."""
+    zeroed (BLIP). ``sim (B, N)``, ``positive (B,)`` column of each row's match -> ``(B,)``.
+    ``same (B, N)`` bool marks further columns that are positives too (an identical caption:
+    easy-vqa has 24 distinct captions); they are never drawn, unless a row has nothing else."""
     if sim.shape[1] < 2:
         raise ValueError("ITM hard negatives need at least 2 image-text pairs per (global) batch")
     weights = sim.float().softmax(1) + 1e-4
+    if same is not None:
+        only_same = same.all(1)  # every candidate is a duplicate: fall back to the plain rule
+        weights = weights.masked_fill(same & ~only_same[:, None], 0.0)
     weights.scatter_(1, positive[:, None], 0.0)
     return torch.multinomial(weights, 1, generator=generator)[:, 0]
 
 
-def soft_itc_loss(sim: Tensor, sim_m: Tensor, alpha: float) -> Tensor:
-    """Contrastive loss against ``alpha * softmax(sim_m) + (1 - alpha) * one-hot``; column ``b`` of
-    row ``b`` is the positive. ``sim``, ``sim_m (B, B + Q)`` (batch first, then the queue)."""
+def soft_itc_loss(
+    sim: Tensor, sim_m: Tensor, alpha: float, positives: Tensor | None = None
+) -> Tensor:
+    """Contrastive loss against ``alpha * softmax(sim_m) + (1 - alpha) * hard``. ``hard`` is the
+    one-hot of column ``b`` in row ``b``, or, with ``positives (B, B + Q)`` bool, uniform over every
+    positive column (BLIP's id-based targets: identical captions are not negatives).
+    ``sim``, ``sim_m (B, B + Q)`` (batch first, then the queue)."""
     b = sim.shape[0]
-    hard = torch.zeros_like(sim)
-    hard[:, :b] = torch.eye(b, device=sim.device, dtype=sim.dtype)
+    if positives is None:
+        hard = torch.zeros_like(sim)
+        hard[:, :b] = torch.eye(b, device=sim.device, dtype=sim.dtype)
+    else:
+        hard = positives.to(sim.dtype)
+        hard = hard / hard.sum(1, keepdim=True)
     target = alpha * sim_m.softmax(1) + (1 - alpha) * hard
     return -(sim.log_softmax(1) * target).sum(1).mean()
 
@@ -181,6 +205,7 @@ class BLIPObjective(nn.Module):
             self.register_buffer(f"{name}_m_bias", online.bias.detach().clone())
         self.register_buffer("image_queue", torch.zeros(queue_size, embed_dim))
         self.register_buffer("text_queue", torch.zeros(queue_size, embed_dim))
+        self.register_buffer("hash_queue", torch.zeros(queue_size, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
@@ -226,14 +251,19 @@ class BLIPObjective(nn.Module):
         self._momentum_synced = True
 
     @torch.no_grad()
-    def enqueue(self, image_feat: Tensor, text_feat: Tensor) -> None:
-        """Write ``(N, E)`` momentum features (all processes') at the pointer, wrapping around."""
+    def enqueue(self, image_feat: Tensor, text_feat: Tensor, hashes: Tensor | None = None) -> None:
+        """Write ``(N, E)`` momentum features (all processes') and their caption hashes at the
+        pointer, wrapping around."""
         q = self.image_queue.shape[0]
         image_feat, text_feat = image_feat[-q:], text_feat[-q:]
+        if hashes is not None:
+            hashes = hashes[-q:]
         n = image_feat.shape[0]
         idx = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % q
         self.image_queue[idx] = image_feat.to(self.image_queue.dtype)
         self.text_queue[idx] = text_feat.to(self.text_queue.dtype)
+        if hashes is not None:
+            self.hash_queue[idx] = hashes.to(self.hash_queue.device)
         self.queue_ptr.copy_((self.queue_ptr + n) % q)
         self.queue_filled.copy_((self.queue_filled + n).clamp(max=q))
 
@@ -277,13 +307,16 @@ class BLIPObjective(nn.Module):
             valid = torch.arange(self.image_queue.shape[0], device=ids.device) < self.queue_filled
             image_all = torch.cat([image_m, self.image_queue[valid]])
             text_all = torch.cat([text_m, self.text_queue[valid]])
+            hashes = text_hash(ids, mask)
+            positives = hashes[:, None] == torch.cat([hashes, self.hash_queue[valid]])[None, :]
             alpha = self.current_alpha()
             sim_i2t_m = image_m @ text_all.t() / self.temp
             sim_t2i_m = text_m @ image_all.t() / self.temp
         sim_i2t = image_feat @ text_all.t() / self.temp
         sim_t2i = text_feat @ image_all.t() / self.temp
         itc = (
-            soft_itc_loss(sim_i2t, sim_i2t_m, alpha) + soft_itc_loss(sim_t2i, sim_t2i_m, alpha)
+            soft_itc_loss(sim_i2t, sim_i2t_m, alpha, positives)
+            + soft_itc_loss(sim_t2i, sim_t2i_m, alpha, positives)
         ) / 2
 
         # ITM: positives, plus one hard negative text per image and one negative image per text
@@ -291,11 +324,12 @@ class BLIPObjective(nn.Module):
         ids_world, mask_world = _gather_text(ids, mask)
         with torch.no_grad():
             positive = torch.arange(b, device=ids.device) + _rank() * b
+            same = hashes[:, None] == text_hash(ids_world, mask_world)[None, :]
             neg_text = sample_hard_negatives(
-                image_feat @ gather_all(text_feat).t() / self.temp, positive
+                image_feat @ gather_all(text_feat).t() / self.temp, positive, same=same
             )
             neg_image = sample_hard_negatives(
-                text_feat @ gather_all(image_feat).t() / self.temp, positive
+                text_feat @ gather_all(image_feat).t() / self.temp, positive, same=same
             )
         width = ids_world.shape[1]
         ids_p, mask_p = (
@@ -314,7 +348,7 @@ class BLIPObjective(nn.Module):
         lm = lm_loss(hidden, labels, model.language.logits, self.label_smoothing)
 
         if update:
-            self.enqueue(gather_all(image_m), gather_all(text_m))
+            self.enqueue(gather_all(image_m), gather_all(text_m), gather_all(hashes))
             self.steps += 1
         loss = itc + itm + lm
         return loss, {"itc": itc.detach(), "itm": itm.detach(), "lm": lm.detach()}

@@ -127,18 +127,6 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from prismkit.core.demo import main as demo_main
-
-    return demo_main(args.demo_args)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from prismkit.core.bench import main as bench_main
-
-    return bench_main(args.bench_args)
-
-
 def cmd_configs(args: argparse.Namespace) -> int:
     host = get_plugin_manager(args.plugins_toml)
     for name, value in host.model_configs.items():
@@ -147,6 +135,11 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 
 RUN_PREFIXES = ("train.", "data.", "eval.")
+# subcommands that own their argument parsing: module with main(argv), and a help line
+PASSTHROUGH = {
+    "bench": ("prismkit.core.bench", "speed/memory benchmark: prints tables, writes JSON"),
+    "demo": ("prismkit.core.demo", "the embedded offline run: Prismer vs PrismerZ on easy-vqa"),
+}
 
 
 def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
@@ -255,24 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
         "plugins", help="list loaded plugins, their hooks, experts and weights"
     ).set_defaults(func=cmd_plugins)
     sub.add_parser("configs", help="list registered model configs").set_defaults(func=cmd_configs)
-    b = sub.add_parser(
-        "bench", help="speed/memory benchmark: prints tables, writes JSON", add_help=False
-    )
-    b.add_argument(
-        "bench_args",
-        nargs=argparse.REMAINDER,
-        help="arguments of prismkit.core.bench (--quick, --out ...)",
-    )
-    b.set_defaults(func=cmd_bench)
-    e = sub.add_parser(
-        "demo", help="the embedded offline run: Prismer vs PrismerZ on easy-vqa", add_help=False
-    )
-    e.add_argument(
-        "demo_args",
-        nargs=argparse.REMAINDER,
-        help="arguments of prismkit.core.demo (--steps, --seeds ...)",
-    )
-    e.set_defaults(func=cmd_demo)
+    # commands with their own argument parsers: `prismkit bench --help`, `prismkit demo --help`
+    for name, (_, helptext) in PASSTHROUGH.items():
+        sub.add_parser(name, help=helptext, add_help=False)
     d = sub.add_parser(
         "describe", help="architecture and exact parameter counts (no download, meta device)"
     )
@@ -354,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASSTHROUGH:
+        import importlib
+
+        return importlib.import_module(PASSTHROUGH[argv[0]][0]).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

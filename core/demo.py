@@ -31,7 +31,7 @@ METRICS = (
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prismkit demo", description=__doc__)
     p.add_argument("--out", default="runs/embedded", help="report folder")
-    p.add_argument("--steps", type=int, default=250, help="optimiser steps per run")
+    p.add_argument("--steps", type=int, default=300, help="optimiser steps per run")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--image-size", type=int, default=64, help="easy-vqa images are 64x64")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from helpers import TestPlugin, batch_for, tiny_config
 
-from prismkit.core import blip, capfilt
+from prismkit.core import capfilt
 from prismkit.core.blip import (
     BLIPObjective,
     caption_tokens,
@@ -29,7 +29,7 @@ from prismkit.core.processor import Processor
 
 @pytest.fixture(scope="module")
 def blip_host():
-    return get_plugin_manager(extra_plugins=[TestPlugin(), blip])
+    return get_plugin_manager(extra_plugins=[TestPlugin()])  # blip comes from its entry point
 
 
 def _blip_model(tiny_dir, blip_host, name: str = "tiny_z"):
@@ -42,6 +42,7 @@ def _small_queue(model, size: int = 8) -> None:
     e = obj.image_queue.shape[1]
     obj.image_queue = torch.zeros(size, e)
     obj.text_queue = torch.zeros(size, e)
+    obj.hash_queue = torch.zeros(size, dtype=torch.long)
 
 
 def test_caption_tokens_keep_bos_and_target():
@@ -302,3 +303,23 @@ def test_train_two_steps_with_blip(tiny_dir, blip_host, tmp_path):
     assert {"objective.itm_head.weight", "objective.vision_proj.weight", "objective.temp"} <= set(
         state
     )
+
+
+def test_identical_captions_are_positives_not_negatives() -> None:
+    from prismkit.core.blip import sample_hard_negatives, soft_itc_loss, text_hash
+
+    ids = torch.tensor([[2, 7, 9, 3, 0], [2, 7, 9, 3, 0], [2, 8, 3, 0, 0]])
+    mask = (ids != 0).long()
+    h = text_hash(ids, mask)
+    assert h[0] == h[1] != h[2]
+    wide = torch.nn.functional.pad(ids, (0, 3))
+    assert torch.equal(text_hash(wide, (wide != 0).long()), h)  # padding width does not matter
+    same = h[:, None] == h[None, :]
+    sim = torch.zeros(3, 3)
+    sim[0, 1] = 50.0  # the duplicate caption is by far the most similar
+    g = torch.Generator().manual_seed(0)
+    picks = [int(sample_hard_negatives(sim, torch.arange(3), g, same=same)[0]) for _ in range(200)]
+    assert set(picks) == {2}
+    loss_dup = soft_itc_loss(sim, sim, 0.0, same)
+    hard = same.float() / same.float().sum(1, keepdim=True)
+    assert torch.allclose(loss_dup, -(sim.log_softmax(1) * hard).sum(1).mean())

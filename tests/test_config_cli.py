@@ -95,3 +95,38 @@ def test_train_smoke_end_to_end(tiny_dir, tmp_path, capsys):
     model = load_checkpoint(out_dir / "model.safetensors")
     assert model.config.name == "tiny"
     assert "step     0" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_the_offline_default(tmp_path, capsys):
+    """The README's main job, shrunk: both variants train, evaluate and report."""
+    out = tmp_path / "demo"
+    assert (
+        main(
+            [
+                "demo",
+                "--out",
+                str(out),
+                "--steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--eval-questions",
+                "4",
+            ]
+        )
+        == 0
+    )
+    report = json.loads((out / "metrics.json").read_text())
+    assert {r["variant"] for r in report["runs"]} == {"Prismer", "PrismerZ"}
+    for r in report["runs"]:
+        assert {"easyvqa/vqa_accuracy", "easyvqa_captions/cider"} <= set(r["eval"])
+        assert (out / f"{r['config']}-f1-s0" / "curves.png").exists()
+    assert (out / "gallery.png").exists()
+    assert "VQA acc" in capsys.readouterr().out
+
+
+def test_passthrough_commands_show_their_own_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    assert e.value.code == 0 and "--quick" in capsys.readouterr().out
