@@ -952,6 +952,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CPU benchmark, print tables, write JSON; returns the exit status."""
     parser = argparse.ArgumentParser(prog="prismkit bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a fast, smaller run (tests, smoke)")
+    parser.add_argument(
+        "--full", action="store_true", help="also the paper's BASE shapes (random weights, minutes)"
+    )
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"JSON results (default: {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     s = Settings.make(args.quick)
@@ -982,6 +985,10 @@ def main(argv: list[str] | None = None) -> int:
         "data_loading",
         lambda: bench_loading(s, host, train, model, matmul["best_gflops"] * 1e9),
     )
+    if args.full:
+        from prismkit.core.bench_base import bench_base
+
+        base_shapes = timed("base_shapes", lambda: bench_base(host, print_table))
     results = {
         "meta": {
             "quick": s.quick,
@@ -1006,6 +1013,8 @@ def main(argv: list[str] | None = None) -> int:
         "expert_labels": expert_labels,
         "data_loading": loading,
     }
+    if args.full:
+        results["base_shapes"] = base_shapes
     out = Path(args.out)
     write_json(out, results)
     print(

@@ -49,3 +49,23 @@ def test_bench_quick_writes_all_sections(tmp_path):
         assert w["loader_to_step_ratio"] > 0 and isinstance(w["step_waits"], bool)
     assert set(r["meta"]["section_seconds"]) >= {"expert_labels", "data_loading"}
     assert not list(tmp_path.glob("*.tmp"))  # written atomically, no temp file left
+
+
+def test_base_shapes_section_code_paths_on_a_tiny_model(host, tiny_dir):
+    """`bench --full` runs the BASE configs; its step and captioning code run here on a tiny one."""
+    import torch
+    from helpers import tiny_config
+
+    from prismkit.core.bench_base import base_batch, captioning, matmul_limit, train_step
+    from prismkit.core.model import create_model
+
+    cfg = tiny_config(tiny_dir, experts=["edge", "fake_semantic"])
+    model = create_model(cfg, host)
+    cpu = torch.device("cpu")
+    batch = base_batch(model, 2, cpu)
+    assert batch["experts"]["fake_semantic"].table.shape[-1] == 64
+    peak = matmul_limit(cpu, torch.float32, n=256, repeats=2)
+    step = train_step(model, 2, cpu, peak, repeats=1)
+    assert step["flops_per_step"] > 0 and 0 < step["mfu"]
+    cap = captioning(model, 2, cpu)
+    assert cap["cache"] > 0 and cap["no_cache"] > 0
