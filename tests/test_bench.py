@@ -66,6 +66,6 @@ def test_base_shapes_section_code_paths_on_a_tiny_model(host, tiny_dir):
     assert batch["experts"]["fake_semantic"].table.shape[-1] == 64
     peak = matmul_limit(cpu, torch.float32, n=256, repeats=2)
     step = train_step(model, 2, cpu, peak, repeats=1)
-    assert step["flops_per_step"] > 0 and 0 < step["mfu"]
+    assert step["flops_per_step"] > 0 and step["mfu"] > 0
     cap = captioning(model, 2, cpu)
     assert cap["cache"] > 0 and cap["no_cache"] > 0
