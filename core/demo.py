@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     host = get_plugin_manager()
     t0 = time.time()
     _gallery(host, out)
+    labels = _precompute_labels(host, out / "labels")
     runs = []
     for fraction in args.fractions:
         for seed in args.seeds:
@@ -67,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                 model_cfg.vision = replace(model_cfg.vision, image_size=args.image_size)
                 run_dir = out / f"{config}-f{fraction:g}-s{seed}"
                 run = RunConfig(
-                    data=DataConfig(dataset="easyvqa+easyvqa_captions", fraction=fraction),
+                    data=DataConfig(
+                        dataset="easyvqa+easyvqa_captions", fraction=fraction, labels=labels
+                    ),
                     train=TrainConfig(
                         steps=args.steps,
                         batch_size=args.batch_size,
@@ -139,6 +142,35 @@ def _table(rows: list[dict]) -> str:
             f"{r['variant']:<10}{r['fraction']:>6.0%}{r['seeds']:>6}{cells}{r['train_seconds']:>9.0f}"
         )
     return "\n".join(lines)
+
+
+def _precompute_labels(host, root: Path) -> str:
+    """Label every easy-vqa image (train and test) with Prismer's experts into a label store once;
+    training then reads the labels instead of re-running the experts every step."""
+    from prismkit.core.data import EasyVQA
+    from prismkit.experts.run import run_experts
+    from prismkit.experts.store import LabelStore
+
+    t = time.time()
+    experts = {n: host.expert(n)() for n in resolve_config(host, VARIANTS[0][1]).experts}
+    paths = sorted({s.image for split in ("train", "test") for s in EasyVQA(split=split).samples})
+    report = run_experts(
+        paths,
+        experts,
+        LabelStore(root),
+        batch_size=64,
+        num_workers=1,
+        shard=(0, 1),
+        log=lambda *_: None,
+    )
+    if report.failures:
+        raise RuntimeError(
+            f"expert labels failed for {len(report.failures)} image(s): {report.failures[:3]}"
+        )
+    print(
+        f"expert labels for {len(paths)} easy-vqa images ({', '.join(experts)}) in {root}: {time.time() - t:.0f}s"
+    )
+    return str(root)
 
 
 def _gallery(host, out: Path) -> None:
