@@ -502,8 +502,13 @@ def plot_curves(log: list[dict], metrics: dict, path: Path) -> None:
         [r["step"] for r in log], [r["lr"] for r in log], color="tab:gray", alpha=0.5, label="lr"
     )
     ax2.set_ylabel("learning rate")
-    shown = {k: v for k, v in metrics.items() if isinstance(v, float)}
-    ax.set_title(", ".join(f"{k} {v:.3f}" for k, v in shown.items()) or "training")
+    shown = [
+        f"{k} {v:.3f}"
+        for k, v in metrics.items()
+        if isinstance(v, float) and not k.endswith("samples")
+    ]
+    lines = [", ".join(shown[i : i + 2]) for i in range(0, len(shown), 2)]  # two metrics a line
+    ax.set_title("\n".join(lines) or "training", fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
