@@ -46,7 +46,8 @@ def checkpoint_state(model: PrismerModel) -> dict[str, torch.Tensor]:
     stem_buffers = {f"expert_stems.{n}" for n, _ in model.expert_stems.named_buffers()}
     state = {}
     for name, t in model.state_dict(keep_vars=True).items():
-        cnn_trunk = name.startswith("vision.stem.") and vc.stem != "patch"  # has its own source
+        # a stem that loads its own pretrained trunk needs no copy in the checkpoint
+        cnn_trunk = name.startswith("vision.stem.") and not model.vision.stem.weights_in_backbone
         if (
             id(t) in trainable
             or name in stem_buffers

@@ -176,11 +176,8 @@ def _precompute_labels(host, root: Path) -> str:
 def _gallery(host, out: Path) -> None:
     """The enabled experts of the offline default on a few easy-vqa test images."""
     from prismkit.core.data import EasyVQA
+    from prismkit.experts.gallery import render_gallery
 
-    try:
-        from prismkit.experts.gallery import render_gallery
-    except ImportError:
-        return
     data = EasyVQA(split="test")
     images = sorted({data[i].image for i in range(0, 40, 10)})
     experts = {n: host.expert(n)() for n in resolve_config(host, VARIANTS[0][1]).experts}

@@ -15,6 +15,9 @@ class ImageStem(nn.Module, ABC):
     name: ClassVar[str]
     # default weights source for the stem's own pretrained trunk, if it has one
     default_pretrained: ClassVar[str | None] = None
+    # True when the stem's weights live in the vision backbone's checkpoint (a ViT's patch
+    # embedding); False when the stem loads its own (a CNN trunk via ``load_pretrained``)
+    weights_in_backbone: ClassVar[bool] = False
 
     def __init__(self, *, width: int, patch_size: int) -> None:
         super().__init__()

@@ -15,6 +15,7 @@ class PatchStem(ImageStem):
     """ViT patch embedding: one ``patch_size`` x ``patch_size`` conv, no bias (CLIP)."""
 
     name = "patch"
+    weights_in_backbone = True
 
     def __init__(self, *, width: int, patch_size: int) -> None:
         super().__init__(width=width, patch_size=patch_size)

@@ -111,7 +111,7 @@ class ClipViT(VisionBackbone):
         with weights.quiet_transformers():
             hf = CLIPVisionModel.from_pretrained(weights.resolve(source))
         state = clip_vision_filter(
-            hf.state_dict(), self.grid, with_patch_stem=self.stem.name == "patch"
+            hf.state_dict(), self.grid, with_patch_stem=self.stem.weights_in_backbone
         )
         missing, unexpected = self.load_state_dict(state, strict=False)
         expected_missing = {k for k in self.state_dict() if ".adaptor." in k}
@@ -119,7 +119,7 @@ class ClipViT(VisionBackbone):
         # BatchNorm's num_batches_tracked as missing, so its keys are allowed, not required
         stem_keys = (
             set()
-            if self.stem.name == "patch"
+            if self.stem.weights_in_backbone
             else {k for k in self.state_dict() if k.startswith("stem.")}
         )
         if unexpected or not expected_missing <= set(missing) <= expected_missing | stem_keys:
