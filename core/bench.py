@@ -69,6 +69,7 @@ class Settings:
     train_batches: tuple[int, ...]
     train_repeats: int
     expert_counts: tuple[int, ...]
+    grid_sizes: tuple[int, ...]  # training-step grid: image sizes (x expert_counts x train_batches)
     expert_batch: int
     expert_repeats: int
     tiling_batch: int
@@ -95,6 +96,7 @@ class Settings:
                 train_batches=(2,),
                 train_repeats=1,
                 expert_counts=(1, 3),
+                grid_sizes=(64,),
                 expert_batch=1,
                 expert_repeats=1,
                 tiling_batch=4,
@@ -118,6 +120,7 @@ class Settings:
             train_batches=(8, 32),
             train_repeats=2,
             expert_counts=(0, 1, 3, 6),
+            grid_sizes=(128, 224),
             expert_batch=8,
             expert_repeats=3,
             tiling_batch=32,
@@ -535,6 +538,46 @@ def bench_experts(s: Settings, base: ModelConfig) -> list[dict[str, Any]]:
         f"3. experts scaling: inference forward, batch {s.expert_batch}, ms per part (median of {s.expert_repeats})",
         ["experts", "path", "tokens", *results[0]["parts_s"], "total"],
         rows,
+    )
+    return results
+
+
+def bench_train_grid(s: Settings, base: ModelConfig, peak_flops: float) -> list[dict[str, Any]]:
+    """Section 3b: the training step of offline_default's shapes (random weights) as experts,
+    batch and image size grow: 0 experts is PrismerZ."""
+    host = get_plugin_manager(extra_plugins=[BenchExpertsPlugin()])
+    results = []
+    for size in s.grid_sizes:
+        for n in sorted({0, *s.expert_counts}):
+            cfg = copy.deepcopy(base)
+            cfg.name = f"bench_experts_{n}"
+            cfg.vision.pretrained = None
+            cfg.language.pretrained = None
+            cfg.vision.image_size = size
+            cfg.experts = [f"bench_e{i}" for i in range(1, n + 1)]
+            torch.manual_seed(0)
+            model = create_model(cfg, host, pretrained=False)
+            model.freeze("pretrain")
+            for batch in s.train_batches:
+                r = train_case(model, host, batch, s.train_repeats, peak_flops)
+                results.append({"experts": n, "image_size": size, **r})
+            del model
+    print_table(
+        "3b. training step vs experts, batch and image size (fwd + bwd + AdamW, fp32, random weights)",
+        ["experts", "size", "batch", "ms/step", "samples/s", "GFLOP/step", "MFU %", "peak RSS +"],
+        [
+            [
+                r["experts"],
+                r["image_size"],
+                r["batch"],
+                r["step_s"] * 1e3,
+                r["samples_per_s"],
+                r["flops_per_step"] / 1e9,
+                100 * r["mfu"],
+                mib(r["peak_rss_delta_bytes"]),
+            ]
+            for r in results
+        ],
     )
     return results
 
@@ -978,6 +1021,7 @@ def main(argv: list[str] | None = None) -> int:
     train, model = timed("train", lambda: bench_train(s, host, matmul["best_gflops"] * 1e9))
     base = resolve_config(host, "offline_default")
     experts = timed("experts", lambda: bench_experts(s, base))
+    grid = timed("train_grid", lambda: bench_train_grid(s, base, matmul["best_gflops"] * 1e9))
     tiling = timed("label_tiling", lambda: bench_tiling(s))
     generation = timed("generation", lambda: bench_generation(s, model, host))
     expert_labels = timed("expert_labels", lambda: bench_expert_labels(s, host))
@@ -1008,6 +1052,7 @@ def main(argv: list[str] | None = None) -> int:
         "matmul": matmul,
         "train": train,
         "experts": experts,
+        "train_grid": grid,
         "label_tiling": tiling,
         "generation": generation,
         "expert_labels": expert_labels,

@@ -31,9 +31,15 @@ METRICS = (
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prismkit demo", description=__doc__)
     p.add_argument("--out", default="runs/embedded", help="report folder")
-    p.add_argument("--steps", type=int, default=300, help="optimiser steps per run")
+    p.add_argument("--steps", type=int, default=400, help="optimiser steps per run")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument(
+        "--stage",
+        choices=("pretrain", "finetune"),
+        default="finetune",
+        help="finetune (Prismer's VQA recipe: language model unfrozen) or pretrain (frozen)",
+    )
     p.add_argument("--image-size", type=int, default=64, help="easy-vqa images are 64x64")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument(
@@ -75,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                         steps=args.steps,
                         batch_size=args.batch_size,
                         lr=args.lr,
+                        stage=args.stage,
                         warmup=max(1, args.steps // 10),
                         seed=seed,
                         eval_questions=args.eval_questions,

@@ -25,6 +25,13 @@ def test_bench_quick_writes_all_sections(tmp_path):
     }
     for e in r["experts"]:
         assert e["total_s"] > 0 and e["parts_s"]["vision backbone"] > 0
+    grid = r["train_grid"]
+    assert {(g["experts"], g["image_size"], g["batch"]) for g in grid} == {
+        (n, 64, 2) for n in (0, 1, 3)
+    }
+    by_n = {g["experts"]: g for g in grid}
+    assert by_n[0]["flops_per_step"] < by_n[1]["flops_per_step"] < by_n[3]["flops_per_step"]
+    assert all(g["mfu"] > 0 and g["samples_per_s"] > 0 for g in grid)
     for method in ("on_the_fly", "per_sample_loop"):
         assert r["label_tiling"][method]["ms_per_batch"] > 0
     gen = r["generation"]

@@ -91,6 +91,9 @@ class EfficientNetLite0Stem(ImageStem):
             nn.Conv2d(3, 32, 4, stride=4), nn.GELU(), nn.Conv2d(32, 32, 4, stride=4)
         )
         self.proj = nn.Conv2d(self.out_channels + 32, width, 1)
+        # depthwise convs run ~1.5x faster channels-last on CPU (oneDNN) and on GPU (cuDNN)
+        self.conv_stem.to(memory_format=torch.channels_last)
+        self.blocks.to(memory_format=torch.channels_last)
 
     def load_pretrained(self, source: str | None) -> None:
         path = weights.resolve(source or self.default_pretrained)
@@ -124,5 +127,11 @@ class EfficientNetLite0Stem(ImageStem):
         return self
 
     def forward(self, images: Tensor) -> Tensor:
-        feats = self.blocks(self.bn1(self.conv_stem(images)))
+        trunk = (self.conv_stem, self.bn1, self.blocks)
+        needs_grad = images.requires_grad or any(
+            p.requires_grad for m in trunk for p in m.parameters()
+        )
+        with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
+            x = images.contiguous(memory_format=torch.channels_last)
+            feats = self.blocks(self.bn1(self.conv_stem(x)))  # no activations kept when frozen
         return self.proj(torch.cat([feats, self.colour(images)], dim=1))
