@@ -128,6 +128,7 @@ def _summarise(runs: list[dict]) -> list[dict]:
                 "fraction": fraction,
                 "seeds": len(sel),
                 "train_seconds": statistics.mean(r["train_seconds"] for r in sel),
+                "peak_rss_mib": max(r["peak_rss_mib"] for r in sel),
             }
             for m in METRICS:
                 vals = [r["eval"][m] for r in sel if m in r.get("eval", {})]
@@ -139,15 +140,16 @@ def _summarise(runs: list[dict]) -> list[dict]:
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'model':<10}{'data':>6}{'seeds':>6}{'VQA acc':>16}{'VQA open':>16}{'BLEU-4':>16}{'CIDEr':>16}{'train s':>9}"
+    head = f"{'model':<10}{'data':>6}{'seeds':>6}{'VQA acc':>16}{'VQA open':>16}{'BLEU-4':>16}{'CIDEr':>16}{'train s':>9}{'peak MiB':>10}"
     lines = [head, "-" * len(head)]
     for r in rows:
         cells = "".join(
             f"{r.get(m, float('nan')):>9.3f} ±{r.get(m + ' std', 0):.3f}" for m in METRICS
         )
         lines.append(
-            f"{r['variant']:<10}{r['fraction']:>6.0%}{r['seeds']:>6}{cells}{r['train_seconds']:>9.0f}"
+            f"{r['variant']:<10}{r['fraction']:>6.0%}{r['seeds']:>6}{cells}{r['train_seconds']:>9.0f}{r['peak_rss_mib']:>10.0f}"
         )
+    lines.append("peak MiB: the process's peak resident memory when the run ended (runs share it)")
     return "\n".join(lines)
 
 

@@ -105,6 +105,19 @@ class RunConfig:
         return _build(cls, data, source, "")
 
 
+def peak_memory_mib() -> dict[str, float]:
+    """The process's peak resident memory so far (MiB) and, on CUDA, the peak allocated since the
+    last ``torch.cuda.reset_peak_memory_stats``."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {"peak_rss_mib": round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)}
+    if torch.cuda.is_available():
+        out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -326,6 +339,8 @@ def train(
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     out_dir = Path(cfg.out_dir)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     model = create_model(model_cfg, host)
     model.freeze(cfg.stage)
@@ -415,6 +430,7 @@ def train(
         "model": model_cfg.name,
         "steps": step,
         "train_seconds": round(train_s, 1),
+        **peak_memory_mib(),
         "first_loss": log[0]["loss"] if log else None,
         "final_loss": log[-1]["loss"] if log else None,
         "processes": acc.num_processes,

@@ -122,6 +122,7 @@ def test_demo_runs_end_to_end_on_the_offline_default(tmp_path, capsys):
     for r in report["runs"]:
         assert {"easyvqa/vqa_accuracy", "easyvqa_captions/cider"} <= set(r["eval"])
         assert (out / f"{r['config']}-f1-s0" / "curves.png").exists()
+        assert r["peak_rss_mib"] > 100  # torch alone is more than that
     assert (out / "gallery.png").exists()
     assert "VQA acc" in capsys.readouterr().out
 
