@@ -485,18 +485,26 @@ def forward_parts(
     return t, logits, tokens.shape[1]
 
 
+def bench_model(
+    base: ModelConfig, host: PluginHost, experts: int, image_size: int | None = None
+) -> PrismerModel:
+    """``base``'s shapes with random weights and ``experts`` benchmark experts (0: PrismerZ)."""
+    cfg = copy.deepcopy(base)
+    cfg.name = f"bench_experts_{experts}"
+    cfg.vision.pretrained = None
+    cfg.language.pretrained = None
+    cfg.vision.image_size = image_size or cfg.vision.image_size
+    cfg.experts = [f"bench_e{i}" for i in range(1, experts + 1)]
+    torch.manual_seed(0)
+    return create_model(cfg, host, pretrained=False)
+
+
 def bench_experts(s: Settings, base: ModelConfig) -> list[dict[str, Any]]:
     """Section 3: per-part forward time as experts grow, with and without the resampler."""
     host = get_plugin_manager(extra_plugins=[BenchExpertsPlugin()])
     results = []
     for n in s.expert_counts:
-        cfg = copy.deepcopy(base)
-        cfg.name = f"bench_experts_{n}"
-        cfg.vision.pretrained = None
-        cfg.language.pretrained = None
-        cfg.experts = [f"bench_e{i}" for i in range(1, n + 1)]
-        torch.manual_seed(0)
-        model = create_model(cfg, host, pretrained=False).eval()
+        model = bench_model(base, host, n).eval()
         data = synthetic_batch(model, host, s.expert_batch)
         data["labels"] = None
         if n == max(s.expert_counts):  # the hand-split forward is the model's forward
@@ -549,14 +557,7 @@ def bench_train_grid(s: Settings, base: ModelConfig, peak_flops: float) -> list[
     results = []
     for size in s.grid_sizes:
         for n in sorted({0, *s.expert_counts}):
-            cfg = copy.deepcopy(base)
-            cfg.name = f"bench_experts_{n}"
-            cfg.vision.pretrained = None
-            cfg.language.pretrained = None
-            cfg.vision.image_size = size
-            cfg.experts = [f"bench_e{i}" for i in range(1, n + 1)]
-            torch.manual_seed(0)
-            model = create_model(cfg, host, pretrained=False)
+            model = bench_model(base, host, n, size)
             model.freeze("pretrain")
             for batch in s.train_batches:
                 r = train_case(model, host, batch, s.train_repeats, peak_flops)
