@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,23 +12,10 @@ from safetensors.torch import save_file
 
 from prismkit.core.config import ModelConfig
 from prismkit.core.host import PluginHost, get_plugin_manager
+from prismkit.core.io import atomic_write
 from prismkit.core.model import PrismerModel, create_model
 
 FORMAT = "prismkit-checkpoint-1"
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def checkpoint_state(model: PrismerModel) -> dict[str, torch.Tensor]:

@@ -1,40 +1,45 @@
-"""The ``prismkit`` command line."""
+"""The ``prismkit`` command line. The core adds ``plugins``, ``configs`` and ``describe``; every
+other command comes from a plugin's ``register_commands`` hook (the core names none of them)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from dataclasses import fields
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from prismkit.core import weights
-from prismkit.core.config import ConfigError, ModelConfig, load_config
-from prismkit.core.host import PluginError, PluginHost, get_plugin_manager
+from prismkit.core.config import ConfigError, ModelConfig, load_config, resolve_config
+from prismkit.core.host import KINDS, PluginError, PluginHost, get_plugin_manager
 
 
-def resolve_config(
-    host: PluginHost, name_or_path: str, overrides: list[str] | None = None
-) -> ModelConfig:
-    """A registered config name or a TOML path -> ModelConfig."""
-    path = Path(name_or_path)
-    if path.suffix != ".toml" and name_or_path in host.model_configs:
-        value = host.model_configs.get(name_or_path)
-        if isinstance(value, ModelConfig):
-            return value
-        path = Path(value)
-    elif path.suffix != ".toml":
-        raise ConfigError(
-            f"unknown config {name_or_path!r}: not a .toml file; registered: {', '.join(host.model_configs.names())}"
-        )
-    return load_config(path, overrides)
+@dataclass(frozen=True)
+class Command:
+    """A ``prismkit`` subcommand a plugin registers: ``configure(parser)`` adds its arguments and
+    sets ``func`` (``parser.set_defaults(func=run)``, ``run(args) -> exit code``); nested
+    subcommands add their own subparsers."""
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+
+
+def add_set_argument(parser: argparse.ArgumentParser, help: str | None = None) -> None:
+    """The ``--set FIELD=VALUE`` option (repeatable) that every config-taking command shares."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help=help or "override a config field, e.g. vision.image_size=480",
+    )
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    host = get_plugin_manager(args.plugins_toml)
+    host = args.host
     print("Plugins:")
     for p in host.plugins:
         print(f"  {p.name:<12} {p.distribution} {p.version}  ({p.module})")
@@ -65,17 +70,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             print(
                 f"  {name:<18} {'stem':<8} {src}: {'available' if st.available else 'MISSING'} ({st.where})"
             )
-    print("\nComponents:")
-    for kind in (
-        "image_stems",
-        "vision_backbones",
-        "language_backbones",
-        "adaptors",
-        "resamplers",
-        "heads",
-    ):
+    print("\nComponents (name <- plugin; the core's commands: plugins, configs, describe):")
+    for kind in KINDS:
         reg = getattr(host, kind)
-        print(f"  {kind:<19} " + ", ".join(f"{n} <- {reg.owner(n)}" for n in reg.names()))
+        print(f"  {kind:<19} " + (", ".join(f"{n} <- {reg.owner(n)}" for n in reg.names()) or "-"))
     return 0
 
 
@@ -122,121 +120,45 @@ def describe(config: ModelConfig, host: PluginHost) -> str:
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    host = get_plugin_manager(args.plugins_toml)
+    host = args.host
     print(describe(resolve_config(host, args.config, args.set), host))
     return 0
 
 
 def cmd_configs(args: argparse.Namespace) -> int:
-    host = get_plugin_manager(args.plugins_toml)
+    host = args.host
     for name, value in host.model_configs.items():
         print(f"{name:<20} {value}  <- {host.model_configs.owner(name)}")
     return 0
 
 
-RUN_PREFIXES = ("train.", "data.", "eval.")
-# subcommands that own their argument parsing: module with main(argv), and a help line
-PASSTHROUGH = {
-    "bench": ("prismkit.core.bench", "speed/memory benchmark: prints tables, writes JSON"),
-    "demo": ("prismkit.core.demo", "the embedded offline run: Prismer vs PrismerZ on easy-vqa"),
-}
+def _core_commands() -> list[Command]:
+    def plugins(p: argparse.ArgumentParser) -> None:
+        p.set_defaults(func=cmd_plugins)
 
+    def configs(p: argparse.ArgumentParser) -> None:
+        p.set_defaults(func=cmd_configs)
 
-def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
-    """``--set`` items for the run config (train./data./eval.) and for the model config."""
-    run = [i for i in items if i.startswith(RUN_PREFIXES)]
-    return run, [i for i in items if not i.startswith(RUN_PREFIXES)]
+    def describe_(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", help="registered config name or path to a TOML file")
+        add_set_argument(p)
+        p.set_defaults(func=cmd_describe)
 
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from prismkit.core.train import TrainConfig, load_run_config, train
-
-    host = get_plugin_manager(args.plugins_toml)
-    run_sets, model_sets = _split_overrides(args.set)
-    flags = [
-        f"train.{f.name}={_toml(getattr(args, f.name))}"
-        for f in fields(TrainConfig)
-        if getattr(args, f.name) is not None
+    return [
+        Command(
+            "plugins", "list loaded plugins, their hooks, experts, weights and components", plugins
+        ),
+        Command("configs", "list registered model configs", configs),
+        Command(
+            "describe",
+            "architecture and exact parameter counts (no download, meta device)",
+            describe_,
+        ),
     ]
-    run = load_run_config(args.run, run_sets + flags)
-    result = train(resolve_config(host, args.config, model_sets), run, host, resume=args.resume)
-    print(json.dumps(result, indent=2))
-    return 0
 
 
-def _toml(value: object) -> str:
-    return (
-        json.dumps(value)
-        if isinstance(value, str)
-        else str(value).lower()
-        if isinstance(value, bool)
-        else str(value)
-    )
-
-
-def _predictor(args: argparse.Namespace):
-    from prismkit.core.checkpoint import load_checkpoint
-    from prismkit.core.evaluate import Predictor
-    from prismkit.core.processor import Processor
-    from prismkit.core.train import ExpertFeeder
-
-    host = get_plugin_manager(args.plugins_toml)
-    model = load_checkpoint(args.checkpoint, host).eval()
-    return Predictor(
-        model,
-        Processor.from_config(model.config),
-        ExpertFeeder(model, host, getattr(args, "labels", ""), compute_missing=True),
-    ), host
-
-
-def cmd_caption(args: argparse.Namespace) -> int:
-    from prismkit.core.generation import BeamConfig
-
-    pred, _ = _predictor(args)
-    cfg = BeamConfig(beams=args.beams, max_length=args.max_length, min_length=args.min_length)
-    for path, cap in zip(args.images, pred.caption(args.images, args.prompt, cfg), strict=True):
-        print(f"{path}\t{cap}")
-    return 0
-
-
-def cmd_ask(args: argparse.Namespace) -> int:
-    pred, _ = _predictor(args)
-    candidates = [c.strip() for c in args.candidates.split(",")] if args.candidates else None
-    print(pred.answer([args.image], [args.question], candidates)[0])
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from prismkit.core.evaluate import evaluate_datasets
-    from prismkit.core.train import load_run_config
-
-    pred, host = _predictor(args)
-    run = load_run_config(args.run, args.set)
-    d = run.data
-    metrics = evaluate_datasets(
-        pred.model,
-        pred.processor,
-        host,
-        d.eval_dataset or d.dataset,
-        d.eval_split,
-        d.options,
-        pred.feeder,
-        run.eval,
-        args.limit,
-    )
-    print(f"{'metric':<22}{'value':>10}")
-    for k, v in metrics.items():
-        print(f"{k:<22}{v:>10.4f}")
-    if args.out:
-        from prismkit.core.checkpoint import atomic_write
-
-        atomic_write(args.out, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from prismkit.core.train import TrainConfig
-
+def build_parser(host: PluginHost) -> argparse.ArgumentParser:
+    """The parser: the core's commands plus every command the loaded plugins registered."""
     parser = argparse.ArgumentParser(prog="prismkit", description=__doc__)
     parser.add_argument(
         "--plugins-toml",
@@ -244,101 +166,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="plugins.toml to use (default: the packaged one)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser(
-        "plugins", help="list loaded plugins, their hooks, experts and weights"
-    ).set_defaults(func=cmd_plugins)
-    sub.add_parser("configs", help="list registered model configs").set_defaults(func=cmd_configs)
-    # commands with their own argument parsers: `prismkit bench --help`, `prismkit demo --help`
-    for name, (_, helptext) in PASSTHROUGH.items():
-        sub.add_parser(name, help=helptext, add_help=False)
-    d = sub.add_parser(
-        "describe", help="architecture and exact parameter counts (no download, meta device)"
-    )
-    d.add_argument("config", help="registered config name or path to a TOML file")
-    d.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a config field, e.g. vision.image_size=480",
-    )
-    d.set_defaults(func=cmd_describe)
-    t = sub.add_parser(
-        "train", help="train a model config on a dataset (accelerate: one CPU to many GPUs)"
-    )
-    t.add_argument("config", nargs="?", default="offline_default", help="model config name or TOML")
-    t.add_argument("--run", help="run config TOML with [data], [train], [eval] tables")
-    t.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a field: model fields (vision.width=...) or train./data./eval. fields",
-    )
-    t.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from OUT_DIR/last (model, optimiser, RNG, data position)",
-    )
-    for f in fields(TrainConfig):
-        t.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            type=type(getattr(TrainConfig(), f.name)),
-            default=None,
-        )
-    t.set_defaults(func=cmd_train)
-    for name, func, helptext in (
-        ("caption", cmd_caption, "caption images with a checkpoint"),
-        ("ask", cmd_ask, "answer a question about an image"),
-        ("eval", cmd_eval, "evaluate a checkpoint on a dataset"),
-    ):
-        c = sub.add_parser(name, help=helptext)
-        c.add_argument("checkpoint", help="a prismkit .safetensors checkpoint")
-        c.add_argument(
-            "--labels", default="", help="label store folder (experts run on the fly otherwise)"
-        )
-        c.set_defaults(func=func)
-        if name == "caption":
-            c.add_argument("images", nargs="+")
-            c.add_argument("--prompt", default="a picture of")
-            c.add_argument("--beams", type=int, default=3)
-            c.add_argument("--max-length", type=int, default=20)
-            c.add_argument("--min-length", type=int, default=8)
-        elif name == "ask":
-            c.add_argument("image")
-            c.add_argument("question")
-            c.add_argument(
-                "--candidates",
-                help="comma-separated answers to rank (closed-ended); omit to generate",
-            )
+    core = _core_commands()
+    taken = {c.name for c in core}
+    for cmd in core + [host.commands.get(n) for n in host.commands.names()]:
+        if cmd in core or cmd.name not in taken:
+            p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+            cmd.configure(p)
         else:
-            c.add_argument(
-                "--run", help="run config TOML ([data] names the dataset, [eval] the beam settings)"
+            raise PluginError(
+                f"plugin {host.commands.owner(cmd.name)!r} registers command {cmd.name!r}, which the core owns"
             )
-            c.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
-            c.add_argument(
-                "--limit", type=int, default=None, help="evaluate only the first N samples"
-            )
-            c.add_argument("--out", help="write the metrics JSON here")
-    from prismkit.core.capfilt import add_commands as add_capfilt_commands
-    from prismkit.core.muvla import add_commands as add_muvla_commands
-    from prismkit.experts.commands import add_commands as add_experts_commands
-
-    add_experts_commands(sub)
-    add_capfilt_commands(sub)
-    add_muvla_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in PASSTHROUGH:
-        import importlib
-
-        return importlib.import_module(PASSTHROUGH[argv[0]][0]).main(argv[1:])
-    args = build_parser().parse_args(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--plugins-toml", default=os.environ.get("PRISMKIT_PLUGINS"))
+    known, _ = pre.parse_known_args(argv)
     try:
+        host = get_plugin_manager(known.plugins_toml)
+        args = build_parser(host).parse_args(argv)
+        args.host = host
         return args.func(args)
     except (ConfigError, PluginError, FileNotFoundError, ValueError) as e:
         print(f"prismkit: error: {e}", file=sys.stderr)

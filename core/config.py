@@ -8,7 +8,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prismkit.core.host import PluginHost
 
 
 class ConfigError(ValueError):
@@ -205,3 +208,37 @@ def apply_override(data: dict[str, Any], item: str, source: str = "--set") -> No
     for p in parents:
         node = node.setdefault(p, {})
     node[last] = value
+
+
+def resolve_config(
+    host: PluginHost, name_or_path: str | ModelConfig, overrides: list[str] | None = None
+) -> ModelConfig:
+    """A registered config name, a TOML path or a ModelConfig -> a new ModelConfig with the
+    ``a.b=value`` overrides applied."""
+    if isinstance(name_or_path, ModelConfig):
+        value: Any = name_or_path
+        source = name_or_path.name
+    else:
+        path = Path(name_or_path)
+        if path.suffix != ".toml" and name_or_path in host.model_configs:
+            value = host.model_configs.get(name_or_path)
+        elif path.suffix != ".toml":
+            raise ConfigError(
+                f"unknown config {name_or_path!r}: not a .toml file; registered: {', '.join(host.model_configs.names())}"
+            )
+        else:
+            value = path
+        source = str(name_or_path)
+    if not isinstance(value, ModelConfig):
+        return load_config(value, overrides)
+    data = value.to_dict()
+    for item in overrides or []:
+        apply_override(data, item, source)
+    return ModelConfig.from_dict(data, source)
+
+
+def register_config_folder(register, folder: str | Path) -> None:
+    """Register every ``*.toml`` in ``folder`` under its file name (a plugin's
+    ``register_model_configs`` hook: ``register_config_folder(register, CONFIG_DIR)``)."""
+    for path in sorted(Path(folder).glob("*.toml")):
+        register(path.stem, path)

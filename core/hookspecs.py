@@ -25,7 +25,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def register_experts(register: Callable[[type], None]) -> None:
-    """Register domain experts (subclasses of ``prismkit.experts.Expert``): ``register(DepthExpert)``.
+    """Register domain experts (subclasses of ``prismkit.experts.Expert``, defined in
+    ``prismkit.core.expert``): ``register(DepthExpert)``.
 
     The class attributes ``name``, ``kind``, ``channels``, ``requires`` and ``version`` are the
     expert's contract; the core reads them and never branches on the name.
@@ -80,3 +81,11 @@ def register_datasets(register: Callable[[type], None]) -> None:
 def register_model_configs(register: Callable[[str, Any], None]) -> None:
     """Register named model configs: ``register("prismer_base", path_to_toml)``. The value is a
     path to a TOML file or a ``prismkit.core.config.ModelConfig``."""
+
+
+@hookspec
+def register_commands(register: Callable[[Any], None]) -> None:
+    """Register ``prismkit`` subcommands (``prismkit.core.cli.Command``): ``register(Command(
+    "capfilt", "BLIP CapFilt ...", configure))``, where ``configure(parser)`` adds the arguments
+    and ``parser.set_defaults(func=run)``; ``run(args)`` returns the exit code and finds the
+    plugin host in ``args.host``."""

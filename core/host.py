@@ -29,6 +29,7 @@ KINDS: dict[str, str] = {
     "heads": "register_heads",
     "datasets": "register_datasets",
     "model_configs": "register_model_configs",
+    "commands": "register_commands",
 }
 
 

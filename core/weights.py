@@ -7,7 +7,7 @@ import importlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from prismkit.experts.base import WeightsStatus
+from prismkit.core.expert import WeightsStatus
 
 PACKAGE_PREFIX = "package:"
 

@@ -14,7 +14,7 @@ $PK train offline_default_blip --set 'data.dataset="easyvqa_captions"' --set vis
 $PY - "$OUT" <<'PY'
 import json, random, sys
 from pathlib import Path
-from prismkit.core.data import EasyVQACaptions
+from prismkit.datasets.easyvqa import EasyVQACaptions
 out = Path(sys.argv[1])
 test = EasyVQACaptions(split="test")
 rows = [{"image": s.image, "caption": s.target} for s in test.samples[:200]]

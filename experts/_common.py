@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
-from prismkit.experts.base import LabelMap
+from prismkit.core.expert import LabelMap
 
 
 def check_images(name: str, images: Tensor) -> tuple[int, int, int]:

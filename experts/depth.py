@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prismkit.core.expert import Expert, LabelMap, WeightsStatus
+from prismkit.core.hookspecs import hookimpl
 from prismkit.experts._common import check_images
 from prismkit.experts._hf import hf_weights_status, load_model_and_processor, preprocess
-from prismkit.experts.base import Expert, LabelMap, WeightsStatus
 
 
 class DepthExpert(Expert):
@@ -60,3 +61,8 @@ class DepthExpert(Expert):
             depth = depth.unsqueeze(1)
         depth = F.interpolate(depth.float(), size=(h, w), mode="bilinear", align_corners=False)
         return self.check_output(LabelMap(depth.to(images.device)), images)
+
+
+@hookimpl
+def register_experts(register) -> None:
+    register(DepthExpert)

@@ -8,6 +8,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
+from prismkit.core.expert import Expert, LabelMap, WeightsStatus
+from prismkit.core.hookspecs import hookimpl
 from prismkit.experts._common import check_images
 from prismkit.experts._hf import (
     hf_weights_status,
@@ -15,7 +17,6 @@ from prismkit.experts._hf import (
     load_model_and_processor,
     preprocess,
 )
-from prismkit.experts.base import Expert, LabelMap, WeightsStatus
 
 
 def paint_boxes(boxes: Tensor, height: int, width: int) -> tuple[Tensor, list[int]]:
@@ -111,3 +112,8 @@ class ObjectDetection(Expert):
             names.append(["background", *(self._label(int(labels[i])) for i in order)])
         values = torch.stack(maps).to(images.device)
         return self.check_output(LabelMap(values, names), images)
+
+
+@hookimpl
+def register_experts(register) -> None:
+    register(ObjectDetection)

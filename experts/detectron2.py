@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from prismkit import hookimpl
+from prismkit.core.expert import Expert, LabelMap, WeightsStatus
 from prismkit.experts._common import check_images
-from prismkit.experts.base import Expert, LabelMap, WeightsStatus
 from prismkit.experts.detection import paint_boxes
 
 DEFAULT_CONFIG = "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"

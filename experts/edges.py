@@ -7,8 +7,9 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
+from prismkit.core.expert import Expert, LabelMap
+from prismkit.core.hookspecs import hookimpl
 from prismkit.experts._common import check_images
-from prismkit.experts.base import Expert, LabelMap
 
 
 class CannyEdges(Expert):
@@ -64,3 +65,8 @@ class CannyEdges(Expert):
         )
         out = (magnitude * edges).clamp(0, 1).float()
         return self.check_output(LabelMap(out.to(images.device)), images)
+
+
+@hookimpl
+def register_experts(register) -> None:
+    register(CannyEdges)

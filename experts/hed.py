@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prismkit.core.expert import Expert, LabelMap, WeightsStatus
+from prismkit.core.hookspecs import hookimpl
 from prismkit.experts._common import check_images
-from prismkit.experts.base import Expert, LabelMap, WeightsStatus
 
 # VGG16 trunk: output channels of the 3x3 convs of each of the 5 stages (2 max-pools between)
 HED_STAGES: tuple[tuple[int, ...], ...] = (
@@ -201,3 +202,8 @@ class HEDEdges(Expert):
         x = x.flip(1) - mean  # RGB -> BGR, minus the Caffe mean
         out = torch.sigmoid(self._net(x)).float()
         return self.check_output(LabelMap(out.to(images.device)), images)
+
+
+@hookimpl
+def register_experts(register) -> None:
+    register(HEDEdges)

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prismkit.core.expert import Expert, LabelMap
+from prismkit.core.hookspecs import hookimpl
 from prismkit.experts._common import check_images, require_input
-from prismkit.experts.base import Expert, LabelMap
 
 
 def pinhole_intrinsics(
@@ -96,3 +97,8 @@ class NormalsExpert(Expert):
         normals = depth_to_normals(self._to_depth(depth), k)
         normals = F.normalize(normals.float(), dim=1)
         return self.check_output(LabelMap(normals.to(images.device)), images)
+
+
+@hookimpl
+def register_experts(register) -> None:
+    register(NormalsExpert)

@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from prismkit.core.expert import Expert, LabelMap, WeightsStatus
+from prismkit.core.hookspecs import hookimpl
 from prismkit.experts._common import check_images, to_uint8_hwc
-from prismkit.experts.base import Expert, LabelMap, WeightsStatus
 
 
 class OCRDetection(Expert):
@@ -117,3 +118,8 @@ class OCRDetection(Expert):
             names.append(["background", *texts])
         values = torch.stack(maps).to(images.device)
         return self.check_output(LabelMap(values, names), images)
+
+
+@hookimpl
+def register_experts(register) -> None:
+    register(OCRDetection)

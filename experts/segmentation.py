@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prismkit.core.expert import Expert, LabelMap, WeightsStatus
+from prismkit.core.hookspecs import hookimpl
 from prismkit.experts._common import check_images
 from prismkit.experts._hf import (
     hf_weights_status,
@@ -16,7 +18,6 @@ from prismkit.experts._hf import (
     load_model_and_processor,
     preprocess,
 )
-from prismkit.experts.base import Expert, LabelMap, WeightsStatus
 
 
 class Mask2FormerSegmentation(Expert):
@@ -151,3 +152,9 @@ class SuperpixelSegmentation(Expert):
             names.append(["background", *(f"region {k}" for k in range(1, int(labels.max()) + 1))])
         values = torch.stack(maps).to(images.device)
         return self.check_output(LabelMap(values, names), images)
+
+
+@hookimpl
+def register_experts(register) -> None:
+    register(Mask2FormerSegmentation)
+    register(SuperpixelSegmentation)

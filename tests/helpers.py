@@ -8,10 +8,10 @@ import torch
 
 from prismkit import hookimpl
 from prismkit.core.config import ModelConfig, load_config
+from prismkit.core.expert import Expert, LabelMap
 from prismkit.core.host import get_plugin_manager
 from prismkit.core.model import PrismerModel, SemanticInput
-from prismkit.core.train import expert_labels
-from prismkit.experts.base import Expert, LabelMap
+from prismkit.labels.feeder import expert_labels
 
 WORDS = [
     "question",

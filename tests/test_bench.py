@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from prismkit.core.bench import main
+from prismkit.bench.run import main
 
 
 def test_bench_quick_writes_all_sections(tmp_path):
@@ -63,7 +63,7 @@ def test_base_shapes_section_code_paths_on_a_tiny_model(host, tiny_dir):
     import torch
     from helpers import tiny_config
 
-    from prismkit.core.bench_base import base_batch, captioning, matmul_limit, train_step
+    from prismkit.bench.models import base_batch, captioning, matmul_limit, train_step
     from prismkit.core.model import create_model
 
     cfg = tiny_config(tiny_dir, experts=["edge", "fake_semantic"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -10,18 +9,17 @@ import torch
 import torch.nn.functional as F
 from helpers import TestPlugin, batch_for, tiny_config
 
-from prismkit.core import capfilt
-from prismkit.core.blip import (
+from prismkit.blip import capfilt
+from prismkit.blip.capfilt import nucleus_sample, top_p_filter
+from prismkit.blip.objective import (
     BLIPObjective,
     caption_tokens,
-    recall_at_k,
-    rerank,
-    retrieval_eval,
     sample_hard_negatives,
     soft_itc_loss,
 )
-from prismkit.core.capfilt import nucleus_sample, top_p_filter
+from prismkit.blip.retrieval import recall_at_k, rerank, retrieval_eval
 from prismkit.core.checkpoint import save_checkpoint
+from prismkit.core.cli import build_parser
 from prismkit.core.host import get_plugin_manager
 from prismkit.core.model import create_model
 from prismkit.core.processor import Processor
@@ -267,10 +265,7 @@ def test_capfilt_end_to_end(tiny_dir, blip_host, tmp_path, monkeypatch):
     assert all(set(r) == {"image", "caption", "source", "itm_score"} for r in rows)
 
     # the command: an impossible threshold drops every web and synthetic pair, human pairs stay
-    monkeypatch.setattr(capfilt, "get_plugin_manager", lambda *_: blip_host)
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--plugins-toml")
-    capfilt.add_commands(parser.add_subparsers())
+    parser = build_parser(blip_host)
     args = parser.parse_args(
         [
             "capfilt", str(web), "--captioner", str(cap_ckpt), "--filter", str(filt_ckpt),
@@ -278,6 +273,7 @@ def test_capfilt_end_to_end(tiny_dir, blip_host, tmp_path, monkeypatch):
             "--max-length", "6", "--min-length", "2",
         ]
     )  # fmt: skip
+    args.host = blip_host
     assert args.func(args) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["source"] for r in rows] == ["human"]
@@ -286,7 +282,7 @@ def test_capfilt_end_to_end(tiny_dir, blip_host, tmp_path, monkeypatch):
 
 
 def test_train_two_steps_with_blip(tiny_dir, blip_host, tmp_path):
-    from prismkit.core.train import DataConfig, RunConfig, TrainConfig, train
+    from prismkit.engine.train import DataConfig, RunConfig, TrainConfig, train
 
     cfg = tiny_config(tiny_dir, "tiny_z", head="blip")
     run = RunConfig(
@@ -306,7 +302,7 @@ def test_train_two_steps_with_blip(tiny_dir, blip_host, tmp_path):
 
 
 def test_identical_captions_are_positives_not_negatives() -> None:
-    from prismkit.core.blip import sample_hard_negatives, soft_itc_loss, text_hash
+    from prismkit.blip.objective import sample_hard_negatives, soft_itc_loss, text_hash
 
     ids = torch.tensor([[2, 7, 9, 3, 0], [2, 7, 9, 3, 0], [2, 8, 3, 0, 0]])
     mask = (ids != 0).long()

@@ -9,7 +9,8 @@ import torch
 from helpers import batch_for, tiny_config
 from safetensors.torch import load_file
 
-from prismkit.core.checkpoint import atomic_write, load_checkpoint, read_metadata, save_checkpoint
+from prismkit.core.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from prismkit.core.io import atomic_write
 from prismkit.core.model import create_model
 
 

@@ -8,7 +8,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import easy_vqa  # noqa: E402
@@ -19,13 +18,14 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from skimage import data  # noqa: E402
 
-from prismkit.experts.base import Expert, LabelMap  # noqa: E402
-from prismkit.experts.commands import add_commands  # noqa: E402
+from prismkit.core.cli import build_parser  # noqa: E402
+from prismkit.core.expert import Expert, LabelMap  # noqa: E402
+from prismkit.core.host import get_plugin_manager  # noqa: E402
 from prismkit.experts.edges import CannyEdges  # noqa: E402
-from prismkit.experts.gallery import CELL_INCHES, render_gallery  # noqa: E402
-from prismkit.experts.run import run_experts  # noqa: E402
 from prismkit.experts.segmentation import SuperpixelSegmentation  # noqa: E402
-from prismkit.experts.store import LabelStore  # noqa: E402
+from prismkit.labels.gallery import CELL_INCHES, render_gallery  # noqa: E402
+from prismkit.labels.runner import run_experts  # noqa: E402
+from prismkit.labels.store import LabelStore  # noqa: E402
 
 
 class FakeNormals(Expert):
@@ -134,8 +134,7 @@ def test_gallery_from_store_and_failures(images: list[Path], tmp_path: Path) -> 
 
 
 def test_experts_show_command(images: list[Path], tmp_path: Path, capsys) -> None:
-    parser = argparse.ArgumentParser(prog="prismkit")
-    add_commands(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser(get_plugin_manager())
     out = tmp_path / "show.png"
     args = parser.parse_args(
         ["experts", "show", *map(str, images), "-o", str(out), "--experts", "edge,seg_superpixel",

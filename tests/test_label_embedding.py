@@ -8,7 +8,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -17,12 +16,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from prismkit.core.cli import build_parser  # noqa: E402
 from prismkit.core.config import load_config  # noqa: E402
+from prismkit.core.expert import LabelMap  # noqa: E402
 from prismkit.core.host import get_plugin_manager  # noqa: E402
+from prismkit.core.host import get_plugin_manager as _host  # noqa: E402
 from prismkit.core.model import PrismerModel, SemanticInput  # noqa: E402
-from prismkit.experts.base import LabelMap  # noqa: E402
-from prismkit.experts.commands import add_commands  # noqa: E402
-from prismkit.experts.labels import (  # noqa: E402
+from prismkit.experts.segmentation import SuperpixelSegmentation  # noqa: E402
+from prismkit.labels.embedding import (  # noqa: E402
     DEFAULT_ENCODER,
     GENERIC_LABELS,
     LabelEmbedder,
@@ -33,7 +34,6 @@ from prismkit.experts.labels import (  # noqa: E402
     semantic_input,
     unknown_vector,
 )
-from prismkit.experts.segmentation import SuperpixelSegmentation  # noqa: E402
 
 CLIP_WORDS = ["dog", "cat", "sky", "road", "person", "tree", "wall", "car", "red", "blue"]
 
@@ -274,8 +274,7 @@ def test_fit_pca_command(tiny_clip: Path, tmp_path: Path, capsys) -> None:
     words = tmp_path / "words.txt"
     words.write_text("zebra crossing\n\nlamp post\n")
     out = tmp_path / "label_pca.safetensors"
-    parser = argparse.ArgumentParser(prog="prismkit")
-    add_commands(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser(_host())
     args = parser.parse_args(
         ["experts", "fit-pca", "-o", str(out), "--encoder", str(tiny_clip), "--dim", "8",
          "--words", str(words)]

@@ -8,7 +8,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
@@ -27,18 +26,19 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from skimage import data  # noqa: E402
 
+from prismkit.core.cli import build_parser  # noqa: E402
+from prismkit.core.expert import Expert, LabelMap  # noqa: E402
+from prismkit.core.host import get_plugin_manager as _host  # noqa: E402
 from prismkit.core.processor import load_image  # noqa: E402
-from prismkit.experts.base import Expert, LabelMap  # noqa: E402
-from prismkit.experts.commands import add_commands  # noqa: E402
 from prismkit.experts.edges import CannyEdges  # noqa: E402
-from prismkit.experts.run import (  # noqa: E402
+from prismkit.experts.segmentation import SuperpixelSegmentation  # noqa: E402
+from prismkit.labels.runner import (  # noqa: E402
     dependency_order,
     list_images,
     parse_shard,
     run_experts,
 )
-from prismkit.experts.segmentation import SuperpixelSegmentation  # noqa: E402
-from prismkit.experts.store import LabelStore, MissingLabelsError, file_sha256  # noqa: E402
+from prismkit.labels.store import LabelStore, MissingLabelsError, file_sha256  # noqa: E402
 
 
 # ------------------------------------------------------------------ fake experts
@@ -319,9 +319,9 @@ def test_resume_after_killing_the_process(tmp_path: Path, vqa_dir: Path) -> None
         textwrap.dedent(
             """
             import sys, time
-            from prismkit.experts.base import Expert, LabelMap
-            from prismkit.experts.run import run_experts
-            from prismkit.experts.store import LabelStore
+            from prismkit.core.expert import Expert, LabelMap
+            from prismkit.labels.runner import run_experts
+            from prismkit.labels.store import LabelStore
 
             class Slow(Expert):
                 name, kind, channels = "slow", "dense", 1
@@ -420,8 +420,7 @@ def test_two_workers_write_identical_files(tmp_path: Path, vqa_dir: Path, image_
 
 
 def test_cli_run(tmp_path: Path, vqa_dir: Path, capsys) -> None:
-    parser = argparse.ArgumentParser(prog="prismkit")
-    add_commands(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser(_host())
     args = parser.parse_args(
         ["experts", "run", str(vqa_dir), "--store", str(tmp_path / "s"), "--experts", "edge",
          "--device", "cpu", "--size", "32", "--batch-size", "5"]

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from prismkit.core.metrics import (
+from prismkit.engine.metrics import (
     bleu,
     caption_scores,
     cider_d,
@@ -212,7 +212,7 @@ def test_topk_accuracy() -> None:
 
 
 def test_vqa_single_reference_is_exact_match() -> None:
-    from prismkit.core.metrics import vqa_accuracy
+    from prismkit.engine.metrics import vqa_accuracy
 
     assert vqa_accuracy(["circle", "Red", "no"], [["circle"], ["red"], ["yes"]]) == pytest.approx(
         2 / 3

@@ -200,6 +200,6 @@ def test_expert_requirements_must_be_enabled(tiny_dir):
 
     host = get_plugin_manager(PluginsConfig(plugins=None, experts=["normal", "edge"]))
     with pytest.raises(
-        PluginError, match="expert 'normal' \\(plugin 'experts'\\) requires expert 'depth'"
+        PluginError, match="expert 'normal' \\(plugin 'normals'\\) requires expert 'depth'"
     ):
         create_model(tiny_config(tiny_dir, experts=["normal"]), host)

@@ -13,12 +13,16 @@ import torch
 from helpers import TestPlugin, tiny_config
 from PIL import Image
 
-from prismkit.core import muvla
+from prismkit.core.cli import build_parser
 from prismkit.core.data import Sample
 from prismkit.core.host import get_plugin_manager
 from prismkit.core.model import create_model
 from prismkit.core.processor import Processor
-from prismkit.core.train import DataConfig, RunConfig, TrainConfig, train
+from prismkit.engine.train import DataConfig, RunConfig, TrainConfig, train
+from prismkit.muvla import commands as muvla_commands
+from prismkit.muvla import corpus as muvla_corpus
+from prismkit.muvla import data as muvla_data
+from prismkit.muvla import plugin as muvla_plugin
 
 DIM = 64
 
@@ -85,29 +89,31 @@ def test_streaming_topk_equals_brute_force(shard, k):
     q, emb = torch.randn(6, 8, generator=g), torch.randn(50, 8, generator=g)
     ids = torch.arange(50) * 3 + 11  # payload ids, not positions
     chunks = ((emb[j : j + shard], ids[j : j + shard]) for j in range(0, 50, shard))
-    s, i = muvla.streaming_topk(q, chunks, k)
+    s, i = muvla_corpus.streaming_topk(q, chunks, k)
     ref_s, ref_i = (q @ emb.T).topk(min(k, 50), dim=1)
     assert torch.equal(i, ids[ref_i])
     assert torch.allclose(s, ref_s, atol=1e-6)
 
 
 def test_clean_counts(corpus):
-    stats = muvla.CleanStats()
-    kept = list(muvla.iter_clean_corpus(corpus, stats))
+    stats = muvla_corpus.CleanStats()
+    kept = list(muvla_corpus.iter_clean_corpus(corpus, stats))
     assert stats.lines == len(CORPUS)
     assert (stats.kept, stats.empty, stats.duplicates, stats.non_english) == (6, 2, 2, 2)
     assert stats.kept + stats.empty + stats.duplicates + stats.non_english == stats.lines
     assert kept[0][1] == "a red circle on a white page"
     with open(corpus, "rb") as f:  # offsets point at the lines
-        assert all(muvla.read_sentence(f, o) == t for o, t in kept)
-    kept_all = list(muvla.iter_clean_corpus(corpus, muvla.CleanStats(), drop_non_english=False))
+        assert all(muvla_corpus.read_sentence(f, o) == t for o, t in kept)
+    kept_all = list(
+        muvla_corpus.iter_clean_corpus(corpus, muvla_corpus.CleanStats(), drop_non_english=False)
+    )
     assert len(kept_all) == 8
 
 
 def test_builder_skips_untagged_and_writes_valid_jsonl(tmp_path, corpus):
     images = write_images(tmp_path / "img", [(250, 10, 10), (10, 10, 250), (10, 250, 10)])
     out = tmp_path / "pairs.jsonl"
-    report = muvla.build_pairs(
+    report = muvla_corpus.build_pairs(
         images, corpus, out, tagger=ColourTagger(), encoder=bow_encoder, k=3, shard_size=2
     )
     assert report.no_tags == [images[1]]
@@ -123,7 +129,7 @@ def test_builder_skips_untagged_and_writes_valid_jsonl(tmp_path, corpus):
     assert rows[0]["tags"] == ["red", "circle"]
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
     # the sharded search equals brute force over all kept sentences
-    kept = [t for _, t in muvla.iter_clean_corpus(corpus, muvla.CleanStats())]
+    kept = [t for _, t in muvla_corpus.iter_clean_corpus(corpus, muvla_corpus.CleanStats())]
     emb = bow_encoder(kept).half().float()
     q = bow_encoder(["red, circle"])
     ref = (q @ emb.T).topk(3, dim=1)
@@ -134,11 +140,11 @@ def test_builder_skips_untagged_and_writes_valid_jsonl(tmp_path, corpus):
 def test_builder_resumes_and_keeps_old_output_on_failure(tmp_path, corpus):
     images = write_images(tmp_path / "img", [(250, 10, 10)])
     out = tmp_path / "pairs.jsonl"
-    first = muvla.build_pairs(
+    first = muvla_corpus.build_pairs(
         images, corpus, out, tagger=ColourTagger(), encoder=bow_encoder, shard_size=3
     )
     before = out.read_text()
-    again = muvla.build_pairs(
+    again = muvla_corpus.build_pairs(
         images, corpus, out, tagger=ColourTagger(), encoder=bow_encoder, shard_size=3
     )
     assert again.shards_reused == again.shards == first.shards == 2
@@ -149,22 +155,24 @@ def test_builder_resumes_and_keeps_old_output_on_failure(tmp_path, corpus):
             raise RuntimeError("tagger crashed")
 
     with pytest.raises(RuntimeError):
-        muvla.build_pairs(images, corpus, out, tagger=Broken(), encoder=bow_encoder, shard_size=3)
+        muvla_corpus.build_pairs(
+            images, corpus, out, tagger=Broken(), encoder=bow_encoder, shard_size=3
+        )
     assert out.read_text() == before  # atomic: the old file is untouched
 
 
 def test_noun_phrase_spans():
     s = "the big red circle sits on a mat, near circles"
-    spans = muvla.noun_phrase_spans(s, ["circle", "envelope"])
+    spans = muvla_data.noun_phrase_spans(s, ["circle", "envelope"])
     assert [s[a:b] for a, b in spans] == ["big red circle sits", "circles"]
-    assert muvla.noun_phrase_spans("a dog", ["cat"]) == []
+    assert muvla_data.noun_phrase_spans("a dog", ["cat"]) == []
 
 
 # -- objective and training --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def muvla_host():
     base = get_plugin_manager()
-    plugins = [TestPlugin()] + ([] if "muvla" in base.heads else [muvla])
+    plugins = [TestPlugin()] + ([] if "muvla" in base.heads else [muvla_plugin])
     return get_plugin_manager(extra_plugins=plugins)
 
 
@@ -178,7 +186,7 @@ def _model_and_batch(tiny_dir, host, warmup_steps=1000):
         Sample(torch.rand(3, 32, 32), "b", "triangle", "a blue triangle"),
         Sample(torch.rand(3, 32, 32), "c", "rectangle, gray", "a gray shape"),
     ]
-    batch = muvla.collate_pairs(proc, samples)
+    batch = muvla_data.collate_pairs(proc, samples)
     batch["experts"] = {"edge": torch.rand(3, 1, 32, 32)}
     return model, batch
 
@@ -197,7 +205,7 @@ def test_objective_parts_finite_with_gradients(tiny_dir, muvla_host):
         assert p.grad is not None and p.grad.abs().sum() > 0
     # the plain encode(prompt=tags, target=sentence) batch gives the same extras
     plain = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
-    rec = muvla.extras_from_encoded(model.objective.vocab(model).processor, **plain)
+    rec = muvla_data.extras_from_encoded(model.objective.vocab(model).processor, **plain)
     for key in ("tag_ids", "tag_words", "sent_ids", "sent_words", "np_mask"):
         assert torch.equal(rec[key], batch[key]), key
 
@@ -238,7 +246,7 @@ def test_two_training_steps(tiny_dir, muvla_host, tmp_path):
     ]
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = muvla.MuVLAPairs(pairs=str(pairs))
+    data = muvla_data.MuVLAPairs(pairs=str(pairs))
     assert len(data) == 3 and data[0].prompt == "red" and data[1].prompt == "green, square"
     run = RunConfig(
         data=DataConfig(dataset="muvla_pairs", options={"pairs": str(pairs)}),
@@ -257,12 +265,10 @@ def test_two_training_steps(tiny_dir, muvla_host, tmp_path):
 
 
 def test_cli_parser():
-    import argparse
 
-    parser = argparse.ArgumentParser(prog="prismkit")
-    muvla.add_commands(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser(get_plugin_manager())
     args = parser.parse_args(
         ["muvla", "build", "--images", "d", "--corpus", "c.txt", "--out", "p.jsonl"]
     )
-    assert args.func is muvla.cmd_build
+    assert args.func is muvla_commands.cmd_build
     assert (args.k, args.shard_size, args.tags_expert) == (5, 100_000, "obj_tags_cam")

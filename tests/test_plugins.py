@@ -15,7 +15,7 @@ from prismkit.core.host import PluginError, PluginsConfig, get_plugin_manager
 def test_builtins_are_entry_point_plugins():
     host = get_plugin_manager()
     names = {p.name for p in host.plugins}
-    assert {"vision", "language", "adapters", "resampler", "heads", "configs", "experts"} <= names
+    assert {"vision", "language", "adapters", "resampler", "heads", "configs", "edges"} <= names
     assert all(p.distribution == "prismkit" for p in host.plugins)
     assert "clip_vit" in host.vision_backbones and "patch" in host.image_stems
     assert {"bert", "roberta"} <= set(host.language_backbones.names())
@@ -162,3 +162,86 @@ def test_detectron2_plugin_says_why_it_is_not_loaded():
     assert "detectron2" in host.skipped and "detectron2" in host.skipped["detectron2"]
     assert "obj_detection_d2" not in host.experts
     assert main(["plugins"]) == 0
+
+
+def test_a_plugin_adds_its_own_command(capsys):
+    """simonw/llm's register_commands: the core CLI names no plugin; a plugin brings its command."""
+    from prismkit.core.cli import Command, build_parser
+
+    def configure(p):
+        p.add_argument("--times", type=int, default=1)
+        p.set_defaults(func=lambda args: print("hello " * args.times) or 0)
+
+    class Greeter:
+        __name__ = "greeter"
+
+        @hookimpl
+        def register_commands(self, register):
+            register(Command("hello", "say hello", configure))
+
+    host = get_plugin_manager(extra_plugins=[Greeter()])
+    assert host.commands.owner("hello") == "greeter"
+    args = build_parser(host).parse_args(["hello", "--times", "2"])
+    assert args.func(args) == 0 and capsys.readouterr().out.strip() == "hello hello"
+    # the built-in commands come from plugins too, each listed with its owner
+    assert {host.commands.owner(n) for n in ("train", "experts", "capfilt", "muvla", "bench")} == {
+        "engine",
+        "labels",
+        "blip",
+        "muvla",
+        "bench",
+    }
+
+    class Clash:
+        __name__ = "clash"
+
+        @hookimpl
+        def register_commands(self, register):
+            register(Command("describe", "mine", configure))
+
+    with pytest.raises(PluginError, match="registers command 'describe', which the core owns"):
+        build_parser(get_plugin_manager(extra_plugins=[Clash()]))
+
+
+def test_plugins_lists_every_component_kind(capsys):
+    from prismkit.core.host import KINDS
+
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    for kind in KINDS:
+        assert f"  {kind:<19} " in out
+    assert "train <- engine" in out and "blip <- blip" in out and "easyvqa <- datasets" in out
+
+
+def test_one_call_api(tiny_dir, tmp_path):
+    """timm/open_clip-style: prismkit.create_model(name, pretrained, **overrides) and
+    prismkit.load_checkpoint(path)."""
+    import torch
+
+    import prismkit
+    from prismkit.core.checkpoint import save_checkpoint
+
+    host = get_plugin_manager()
+    model = prismkit.create_model(
+        "tiny", host=host, experts=["edge", "depth"], vision={"image_size": 48}
+    )
+    assert [e.name for e in model.experts] == ["edge", "depth"]
+    assert model.config.vision.image_size == 48 and model.config.vision.width == 32
+    assert host.model_configs.get("tiny")  # the registered config itself is not modified
+    with pytest.raises(Exception, match="unknown field"):
+        prismkit.create_model("tiny", host=host, vision={"widht": 3})
+    cfg_path = tmp_path / "mine.toml"
+    cfg_path.write_text(
+        host.model_configs.get("tiny").read_text().replace('name = "tiny"', 'name = "mine"')
+    )
+    m2 = prismkit.create_model(cfg_path, host=host)
+    assert m2.config.name == "mine"
+    from helpers import tiny_config
+
+    torch.manual_seed(0)
+    trained = prismkit.create_model(tiny_config(tiny_dir), pretrained=True, host=host)
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(trained, path, host)
+    loaded = prismkit.load_checkpoint(path, host=host)
+    for (k, a), b in zip(trained.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k

@@ -13,25 +13,18 @@ from helpers import tiny_config
 from safetensors.torch import save_file
 
 from prismkit import hookimpl
-from prismkit.core import simvlm
 from prismkit.core.config import ModelConfig
-from prismkit.core.evaluate import Predictor
 from prismkit.core.generation import BeamConfig
 from prismkit.core.heads import IGNORE
 from prismkit.core.host import PluginHost, get_plugin_manager
 from prismkit.core.model import PrismerModel, create_model
 from prismkit.core.processor import Processor
-from prismkit.core.simvlm import (
-    PrefixDecoder,
-    PrefixLMObjective,
-    ResNet152StagesStem,
-    ResNetStagesStem,
-    prefix_caption,
-    prefix_vqa,
-    resnet_trunk_filter,
-    sample_prefix_len,
-)
-from prismkit.core.train import DataConfig, RunConfig, TrainConfig, train
+from prismkit.engine.evaluate import Predictor
+from prismkit.engine.train import DataConfig, RunConfig, TrainConfig, train
+from prismkit.simvlm import plugin as simvlm_plugin
+from prismkit.simvlm.generation import PrefixDecoder, prefix_caption, prefix_vqa
+from prismkit.simvlm.objective import PrefixLMObjective, sample_prefix_len
+from prismkit.simvlm.stems import ResNet152StagesStem, ResNetStagesStem, resnet_trunk_filter
 
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
@@ -55,7 +48,7 @@ class TinyStemPlugin:
 def simvlm_host(*extra: object) -> PluginHost:
     """The installed plugins, plus the SimVLM module while its entry point is not installed."""
     installed = "prefix_lm" in get_plugin_manager().heads
-    return get_plugin_manager(extra_plugins=[*([] if installed else [simvlm]), *extra])
+    return get_plugin_manager(extra_plugins=[*([] if installed else [simvlm_plugin]), *extra])
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,11 @@ import torch
 from helpers import tiny_config
 from safetensors.torch import load_file
 
-from prismkit.core.train import (
+from prismkit.engine.batching import batch_indices
+from prismkit.engine.train import (
     DataConfig,
     RunConfig,
     TrainConfig,
-    batch_indices,
     load_run_config,
     train,
 )

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from prismkit.core.config import register_config_folder
 from prismkit.core.hookspecs import hookimpl
 
 CONFIG_DIR = Path(__file__).resolve().parent
@@ -9,5 +10,4 @@ CONFIG_DIR = Path(__file__).resolve().parent
 
 @hookimpl
 def register_model_configs(register) -> None:
-    for path in sorted(CONFIG_DIR.glob("*.toml")):
-        register(path.stem, path)
+    register_config_folder(register, CONFIG_DIR)

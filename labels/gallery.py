@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from prismkit.core.checkpoint import atomic_write
-from prismkit.experts.base import Expert, LabelMap
-from prismkit.experts.run import dependency_order, resize_square
-from prismkit.experts.store import LabelStore
+from prismkit.core.expert import Expert, LabelMap
+from prismkit.core.io import atomic_write
+from prismkit.labels.runner import dependency_order, resize_square
+from prismkit.labels.store import LabelStore
 
 CELL_INCHES = 3.0
 

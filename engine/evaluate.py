@@ -126,11 +126,11 @@ def evaluate(
 ) -> dict[str, float]:
     """Metrics of ``model`` on ``data``: VQA accuracy (closed-set ranking over the dataset's answer
     list, and open-ended generation) or caption BLEU-4 / CIDEr-D (beam search)."""
-    from prismkit.core import metrics
-    from prismkit.core.train import _Images, iter_batches
+    from prismkit.engine import metrics
+    from prismkit.engine.batching import ImageCache, iter_batches
 
     pred = Predictor(model, processor, feeder)
-    images = _Images(data, model.config.vision.image_size)
+    images = ImageCache(data, model.config.vision.image_size)
     n = 0
     if data.task == "vqa":
         closed, opened, refs = [], [], []

@@ -6,29 +6,28 @@ Defaults live in the dataclasses below; a run config TOML has ``[data]``, ``[tra
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
 import random
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from prismkit.core.checkpoint import atomic_write, load_weights, save_checkpoint
+from prismkit.core.checkpoint import load_weights, save_checkpoint
 from prismkit.core.config import ConfigError, ModelConfig, _build
-from prismkit.core.data import VLDataset, build_dataset, label_key
+from prismkit.core.data import build_dataset, label_key
 from prismkit.core.host import PluginHost, get_plugin_manager
-from prismkit.core.model import ExpertInput, PrismerModel, create_model
+from prismkit.core.io import atomic_write
+from prismkit.core.model import PrismerModel, create_model
 from prismkit.core.processor import Processor
-from prismkit.experts.base import Expert, LabelMap
+from prismkit.engine.batching import ImageCache, batch_indices
+from prismkit.labels.feeder import ExpertFeeder
 
 
 @dataclass
@@ -141,124 +140,6 @@ def configure_optimizer(model: PrismerModel, cfg: TrainConfig) -> torch.optim.Ad
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), fused=True)
 
 
-# -- experts -----------------------------------------------------------------------------------
-def expert_labels(experts: dict[str, Expert], images: torch.Tensor) -> dict[str, LabelMap]:
-    """Run experts on a batch in dependency order (each sees the labels it ``requires``)."""
-    out: dict[str, LabelMap] = {}
-    pending = list(experts.values())
-    while pending:
-        ready = [e for e in pending if all(r in out for r in e.requires)]
-        if not ready:
-            raise ValueError(
-                f"experts {[e.name for e in pending]} require experts that are not enabled"
-            )
-        for e in ready:
-            out[e.name] = e.check_output(e.predict(images, {r: out[r] for r in e.requires}), images)
-            pending.remove(e)
-    return out
-
-
-def dense_inputs(experts: dict[str, Expert], images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Model inputs of dense experts; semantic experts go through :class:`ExpertFeeder`."""
-    semantic = [n for n, e in experts.items() if e.kind == "semantic"]
-    if semantic:
-        raise ValueError(
-            f"expert(s) {semantic} are semantic: use ExpertFeeder, which embeds their labels"
-        )
-    return {n: m.values for n, m in expert_labels(experts, images).items()}
-
-
-class ExpertFeeder:
-    """Expert inputs of a batch for the model: from a label store when one is given, else by
-    running the experts on the batch. A label missing from the store is an error naming image and
-    expert (training), or computed on the fly with ``compute_missing=True`` (inference)."""
-
-    def __init__(
-        self, model: PrismerModel, host: PluginHost, labels: str = "", compute_missing: bool = False
-    ) -> None:
-        self.compute_missing = compute_missing
-        self.slots = model.experts
-        self.experts = {s.name: host.expert(s.name)() for s in self.slots}
-        # experts needed as inputs of enabled ones (normals read depth) run too, unused by the model
-        for e in list(self.experts.values()):
-            for r in e.requires:
-                self.experts.setdefault(r, host.expert(r)())
-        self.store = None
-        if labels:
-            from prismkit.experts.store import LabelStore
-
-            self.store = LabelStore(labels)
-        self.embedder = None
-        if any(s.kind == "semantic" for s in self.slots):
-            from prismkit.experts.labels import LabelEmbedder
-
-            self.embedder = LabelEmbedder.default()
-
-    def __call__(self, images: torch.Tensor, image_ids: list[str]) -> dict[str, ExpertInput]:
-        if not self.slots:
-            return {}
-        maps = None
-        if self.store is not None:
-            from prismkit.experts.store import MissingLabelsError
-
-            try:
-                maps = {
-                    s.name: self.store.get_batch(
-                        image_ids, type(self.experts[s.name]), images.shape[-2:]
-                    )
-                    for s in self.slots
-                }
-            except MissingLabelsError:
-                if not self.compute_missing:
-                    raise
-        if maps is None:
-            maps = expert_labels(self.experts, images)
-        out: dict[str, ExpertInput] = {}
-        for s in self.slots:
-            if s.kind == "semantic":
-                from prismkit.experts.labels import semantic_input
-
-                out[s.name] = semantic_input(maps[s.name], self.embedder)
-            else:
-                out[s.name] = maps[s.name].values
-        return out
-
-
-# -- data --------------------------------------------------------------------------------------
-def batch_indices(
-    step: int, micro: int, rank: int, world: int, cfg: TrainConfig, n: int
-) -> list[int]:
-    """Dataset indices of one micro-batch: a pure function of (step, micro-batch, rank), so a
-    resumed run reads exactly what the interrupted one would have. Epochs are seeded permutations."""
-    per = cfg.batch_size
-    start = ((step * cfg.grad_accum + micro) * world + rank) * per
-    out = []
-    for pos in range(start, start + per):
-        epoch, i = divmod(pos, n)
-        out.append(int(_epoch_order(cfg.seed, epoch, n)[i]))
-    return out
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng(seed * 1_000_003 + epoch).permutation(n)
-
-
-class _Images:
-    """Decoded images of a dataset at the model's size, cached (small sets) by index."""
-
-    def __init__(self, data: VLDataset, size: int) -> None:
-        self.data, self.size, self.cache = data, size, {}
-
-    def __call__(self, i: int) -> torch.Tensor:
-        if i not in self.cache:
-            img = self.data.image(i)
-            self.cache[i] = F.interpolate(
-                img[None], size=(self.size, self.size), mode="bicubic", antialias=True
-            )[0].clamp(0, 1)
-        return self.cache[i]
-
-
 # -- checkpoints -------------------------------------------------------------------------------
 def save_state(
     path: Path,
@@ -355,7 +236,7 @@ def train(
         **dcfg.options,
     )
     feeder = ExpertFeeder(model, host, dcfg.labels)
-    images = _Images(data, model_cfg.vision.image_size)
+    images = ImageCache(data, model_cfg.vision.image_size)
     opt = configure_optimizer(model, cfg)
     step, log = 0, []
     state_dir = out_dir / "last"
@@ -455,7 +336,7 @@ def train(
             )
             result["checkpoint"] = str(ckpt)
     if step >= cfg.steps and cfg.eval_questions and acc.is_main_process:
-        from prismkit.core.evaluate import evaluate_datasets
+        from prismkit.engine.evaluate import evaluate_datasets
 
         spec = dcfg.eval_dataset or dcfg.dataset
         metrics = evaluate_datasets(
@@ -530,12 +411,6 @@ def plot_curves(log: list[dict], metrics: dict, path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
-
-
-def iter_batches(data: VLDataset, batch_size: int, limit: int | None = None) -> Iterator[list[int]]:
-    n = len(data) if limit is None else min(limit, len(data))
-    for start in range(0, n, batch_size):
-        yield list(range(start, min(n, start + batch_size)))
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

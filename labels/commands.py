@@ -9,9 +9,16 @@ from pathlib import Path
 
 import torch
 
+from prismkit.core.cli import Command
+from prismkit.core.expert import Expert
+from prismkit.core.hookspecs import hookimpl
 from prismkit.core.host import PluginHost, get_plugin_manager
-from prismkit.experts.base import Expert
-from prismkit.experts.labels import DEFAULT_DIM, DEFAULT_ENCODER, DEFAULT_RANDOM_STATE, cmd_fit_pca
+from prismkit.labels.embedding import (
+    DEFAULT_DIM,
+    DEFAULT_ENCODER,
+    DEFAULT_RANDOM_STATE,
+    cmd_fit_pca,
+)
 
 
 def default_device() -> str:
@@ -72,12 +79,12 @@ def select_experts(host: PluginHost, names: str | None, device: str) -> dict[str
 
 
 def _host(args: argparse.Namespace) -> PluginHost:
-    return get_plugin_manager(getattr(args, "plugins_toml", None))
+    return getattr(args, "host", None) or get_plugin_manager(getattr(args, "plugins_toml", None))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from prismkit.experts.run import parse_shard, run_experts
-    from prismkit.experts.store import LabelStore
+    from prismkit.labels.runner import parse_shard, run_experts
+    from prismkit.labels.store import LabelStore
 
     experts = select_experts(_host(args), args.experts, args.device or default_device())
     shard = parse_shard(args.shard)
@@ -93,8 +100,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from prismkit.experts.gallery import render_gallery
-    from prismkit.experts.store import LabelStore
+    from prismkit.labels.gallery import render_gallery
+    from prismkit.labels.store import LabelStore
 
     experts = select_experts(_host(args), args.experts, args.device or default_device())
     store = LabelStore(args.store, args.size) if args.store else None
@@ -103,9 +110,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``experts run|show|fit-pca`` to the ``prismkit`` command line's subparsers."""
-    p = subparsers.add_parser("experts", help="precompute, show and embed expert labels")
+def _configure(p: argparse.ArgumentParser) -> None:
+    """``experts run|show|fit-pca``."""
     sub = p.add_subparsers(dest="experts_command", required=True)
 
     def common(q: argparse.ArgumentParser) -> None:
@@ -157,3 +163,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--seed", type=int, default=DEFAULT_RANDOM_STATE, help="PCA random_state")
     f.add_argument("--words", default=None, help="text file of extra label names, one per line")
     f.set_defaults(func=cmd_fit_pca)
+
+
+@hookimpl
+def register_commands(register) -> None:
+    register(Command("experts", "precompute, show and embed expert labels", _configure))

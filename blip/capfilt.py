@@ -16,7 +16,6 @@ new data, is a training run (``prismkit train``) and is not done here.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -26,9 +25,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from prismkit.core.checkpoint import atomic_write, load_checkpoint
+from prismkit.core.checkpoint import load_checkpoint
 from prismkit.core.data import CAPTION_PROMPT, DataError
 from prismkit.core.host import PluginHost, get_plugin_manager
+from prismkit.core.io import atomic_write
 from prismkit.core.language.decoder import TextDecoder
 
 
@@ -153,7 +153,7 @@ class _Models:
 
     def __init__(self, path: str | Path, host: PluginHost) -> None:
         from prismkit.core.processor import Processor
-        from prismkit.core.train import ExpertFeeder
+        from prismkit.labels.feeder import ExpertFeeder
 
         self.model = load_checkpoint(path, host).eval()
         self.processor = Processor.from_config(self.model.config)
@@ -201,7 +201,7 @@ def caption_images(
 @torch.no_grad()
 def itm_scores(filt: _Models, pairs: Sequence[Pair], batch_size: int) -> list[float]:
     """The filter's ITM match probability of each pair."""
-    from prismkit.core.blip import BLIPObjective
+    from prismkit.blip.objective import BLIPObjective
 
     objective = filt.model.objective
     if not isinstance(objective, BLIPObjective):
@@ -322,85 +322,3 @@ def summary(history: Sequence[Counter], human: int = 0) -> str:
     if human:
         lines.append(f"{'':<7}{'human':<11}{human:>7}{0:>9}")
     return "\n".join(lines)
-
-
-# -- commands ----------------------------------------------------------------------------------
-def cmd_capfilt(args: argparse.Namespace) -> int:
-    host = get_plugin_manager(args.plugins_toml)
-    history = capfilt(
-        args.data,
-        args.captioner,
-        args.filter,
-        args.out,
-        host,
-        human=args.human,
-        rounds=args.rounds,
-        threshold=args.threshold,
-        prompt=args.prompt,
-        top_p=args.top_p,
-        max_length=args.max_length,
-        min_length=args.min_length,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        image_root=args.image_root,
-    )
-    human = len(read_pairs(args.human, "human", args.image_root)) if args.human else 0
-    print(summary(history, human))
-    print(f"wrote {args.out}")
-    return 0
-
-
-def cmd_retrieval(args: argparse.Namespace) -> int:
-    from prismkit.core.blip import retrieval_eval
-    from prismkit.core.processor import Processor
-
-    host = get_plugin_manager(args.plugins_toml)
-    model = load_checkpoint(args.checkpoint, host).eval()
-    pairs = read_pairs(args.data, "test", args.image_root)
-    images = list(dict.fromkeys(q.image for q in pairs))
-    index = {im: i for i, im in enumerate(images)}
-    metrics = retrieval_eval(
-        model,
-        Processor.from_config(model.config),
-        images,
-        [q.caption for q in pairs],
-        k_test=args.k_test,
-        text_image=[index[q.image] for q in pairs],
-    )
-    for k, v in metrics.items():
-        print(f"{k:<10}{v:>8.2f}")
-    return 0
-
-
-def add_commands(subparsers) -> None:
-    """Register ``prismkit capfilt`` and ``prismkit retrieval`` on the CLI's subparsers."""
-    c = subparsers.add_parser(
-        "capfilt", help="BLIP CapFilt: caption web images, filter captions with ITM, write JSONL"
-    )
-    c.add_argument("data", help='JSONL of {"image": path, "caption": web caption}')
-    c.add_argument("--captioner", required=True, help="captioner checkpoint (.safetensors)")
-    c.add_argument("--filter", required=True, help="filter checkpoint (head 'blip')")
-    c.add_argument("--out", required=True, help="output JSONL")
-    c.add_argument("--human", help="JSONL of human-annotated pairs, appended unfiltered")
-    c.add_argument("--rounds", type=int, default=1, help="caption + filter rounds (no retraining)")
-    c.add_argument(
-        "--threshold", type=float, default=0.5, help="keep pairs with ITM p(match) >= this"
-    )
-    c.add_argument("--prompt", default=CAPTION_PROMPT)
-    c.add_argument("--top-p", type=float, default=0.9)
-    c.add_argument("--max-length", type=int, default=20)
-    c.add_argument("--min-length", type=int, default=5)
-    c.add_argument("--batch-size", type=int, default=16)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--image-root", help="folder of relative image paths (default: the file's)")
-    c.set_defaults(func=cmd_capfilt)
-    r = subparsers.add_parser(
-        "retrieval", help="image-text retrieval R@1/5/10 of a blip checkpoint"
-    )
-    r.add_argument("checkpoint", help="a 'blip' checkpoint (.safetensors)")
-    r.add_argument(
-        "data", help='JSONL of {"image": path, "caption": str} (several per image allowed)'
-    )
-    r.add_argument("--k-test", type=int, default=16, help="ITC candidates re-ranked by ITM")
-    r.add_argument("--image-root", help="folder of relative image paths (default: the file's)")
-    r.set_defaults(func=cmd_retrieval)

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from prismkit.core.cli import resolve_config
+from prismkit.core.config import resolve_config
 from prismkit.core.generation import BeamConfig, beam_search
 from prismkit.core.host import PluginHost
 from prismkit.core.model import PrismerModel, SemanticInput, create_model
-from prismkit.core.train import TrainConfig, configure_optimizer
+from prismkit.engine.train import TrainConfig, configure_optimizer
 
 TEXT_LEN = 30
 PROMPT_LEN = 5

@@ -14,10 +14,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from prismkit.core.checkpoint import atomic_write
-from prismkit.core.cli import resolve_config
+from prismkit.core.config import resolve_config
 from prismkit.core.host import get_plugin_manager
-from prismkit.core.train import DataConfig, EvalConfig, RunConfig, TrainConfig, train
+from prismkit.core.io import atomic_write
+from prismkit.engine.train import DataConfig, EvalConfig, RunConfig, TrainConfig, train
 
 VARIANTS = (("Prismer", "offline_default"), ("PrismerZ", "offline_default_z"))
 METRICS = (
@@ -28,8 +28,7 @@ METRICS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prismkit demo", description=__doc__)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/embedded", help="report folder")
     p.add_argument("--steps", type=int, default=400, help="optimiser steps per run")
     p.add_argument("--batch-size", type=int, default=32)
@@ -55,14 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=1000,
         help="test questions (and caption images) evaluated",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prismkit demo", description=__doc__)
+    add_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    host = get_plugin_manager()
+    host = getattr(args, "host", None) or get_plugin_manager()
     t0 = time.time()
     _gallery(host, out)
     labels = _precompute_labels(host, out / "labels")
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "summary": summary,
         "seconds": round(time.time() - t0, 1),
-        "args": vars(args),
+        "args": {k: v for k, v in vars(args).items() if k not in ("func", "host")},
     }
     atomic_write(
         out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2))
@@ -156,13 +163,13 @@ def _table(rows: list[dict]) -> str:
 def _precompute_labels(host, root: Path) -> str:
     """Label every easy-vqa image (train and test) with Prismer's experts into a label store once;
     training then reads the labels instead of re-running the experts every step."""
-    from prismkit.core.data import EasyVQA
-    from prismkit.experts.run import run_experts
-    from prismkit.experts.store import LabelStore
+    from prismkit.labels.runner import run_experts
+    from prismkit.labels.store import LabelStore
 
     t = time.time()
     experts = {n: host.expert(n)() for n in resolve_config(host, VARIANTS[0][1]).experts}
-    paths = sorted({s.image for split in ("train", "test") for s in EasyVQA(split=split).samples})
+    reader = host.datasets.get("easyvqa")
+    paths = sorted({s.image for split in ("train", "test") for s in reader(split=split).samples})
     report = run_experts(
         paths,
         experts,
@@ -184,10 +191,9 @@ def _precompute_labels(host, root: Path) -> str:
 
 def _gallery(host, out: Path) -> None:
     """The enabled experts of the offline default on a few easy-vqa test images."""
-    from prismkit.core.data import EasyVQA
-    from prismkit.experts.gallery import render_gallery
+    from prismkit.labels.gallery import render_gallery
 
-    data = EasyVQA(split="test")
+    data = host.datasets.get("easyvqa")(split="test")
     images = sorted({data[i].image for i in range(0, 40, 10)})
     experts = {n: host.expert(n)() for n in resolve_config(host, VARIANTS[0][1]).experts}
     render_gallery(images, experts, out / "gallery.png")

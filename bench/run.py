@@ -4,8 +4,8 @@ expert label generation speed and label-store data loading against the training 
 
 Prints one table per section and writes everything as JSON (``--out``, atomically)::
 
-    python -m prismkit.core.bench            # full run, a few minutes on a laptop CPU
-    python -m prismkit.core.bench --quick    # seconds: one batch size, fewer repeats
+    python -m prismkit.bench.run            # full run, a few minutes on a laptop CPU
+    python -m prismkit.bench.run --quick    # seconds: one batch size, fewer repeats
 """
 
 from __future__ import annotations
@@ -35,16 +35,16 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from prismkit import hookimpl
-from prismkit.core.cli import resolve_config
-from prismkit.core.config import ModelConfig
+from prismkit.core.config import ModelConfig, resolve_config
+from prismkit.core.expert import Expert, LabelMap
 from prismkit.core.generation import BeamConfig, beam_search
 from prismkit.core.host import PluginHost, get_plugin_manager
 from prismkit.core.model import PrismerModel, create_model
 from prismkit.core.processor import Processor, load_image
-from prismkit.core.train import TrainConfig, configure_optimizer, dense_inputs
-from prismkit.experts.base import Expert, LabelMap
-from prismkit.experts.run import resize_square, run_experts
-from prismkit.experts.store import LabelStore
+from prismkit.engine.train import TrainConfig, configure_optimizer
+from prismkit.labels.feeder import dense_inputs
+from prismkit.labels.runner import resize_square, run_experts
+from prismkit.labels.store import LabelStore
 
 DEFAULT_OUT = "bench/results-cpu.json"
 TEXT_LEN = 16  # token ids per training sample; the first IGNORED_PREFIX labels are -100
@@ -992,18 +992,25 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the CPU benchmark, print tables, write JSON; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="prismkit bench", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a fast, smaller run (tests, smoke)")
     parser.add_argument(
         "--full", action="store_true", help="also the paper's BASE shapes (random weights, minutes)"
     )
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"JSON results (default: {DEFAULT_OUT})")
-    args = parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CPU benchmark, print tables, write JSON; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="prismkit bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     s = Settings.make(args.quick)
     t0 = time.perf_counter()
-    host = get_plugin_manager()
+    host = getattr(args, "host", None) or get_plugin_manager()
     print(
         f"prismkit CPU benchmark{' (quick)' if s.quick else ''}: torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, fp32"
@@ -1031,7 +1038,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda: bench_loading(s, host, train, model, matmul["best_gflops"] * 1e9),
     )
     if args.full:
-        from prismkit.core.bench_base import bench_base
+        from prismkit.bench.models import bench_base
 
         base_shapes = timed("base_shapes", lambda: bench_base(host, print_table))
     results = {

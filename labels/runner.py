@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prismkit.experts.base import Expert, LabelMap
-from prismkit.experts.store import LabelStore, roundtrip
+from prismkit.core.expert import Expert, LabelMap
+from prismkit.labels.store import LabelStore, roundtrip
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
 

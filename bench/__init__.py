@@ -1,0 +1,1 @@
+"""The benchmark: speed and memory tables, JSON results beside this package."""

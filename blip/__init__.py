@@ -1,0 +1,1 @@
+"""BLIP through the plugin interface: ITC/ITM/LM head, retrieval, CapFilt."""

