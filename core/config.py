@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import types
 import typing
@@ -30,6 +31,9 @@ class VisionConfig:
     stem_pretrained: str | None = None
     # input resolution (square), pixels
     image_size: int = 224
+    # side the expert label maps are resized to (nearest) whatever image_size is (Prismer: 224);
+    # unset = image_size
+    expert_size: int | None = None
     # stride of the stem: one token per patch_size x patch_size pixels
     patch_size: int = 16
     # transformer width
@@ -44,10 +48,11 @@ class VisionConfig:
     act: str = "quick_gelu"
     # LayerNorm epsilon
     eps: float = 1e-5
-    # freeze the transformer blocks (True for a pretrained CLIP ViT)
+    # freeze the transformer blocks (attention, MLP and their LayerNorms; True for a pretrained
+    # CLIP ViT); adaptors, ln_pre/ln_post and positions always train
     frozen: bool = True
-    # freeze the image stem
-    stem_frozen: bool = True
+    # freeze the image stem (Prismer trains the RGB patch conv; a pretrained CNN stays frozen)
+    stem_frozen: bool = False
     # per-channel normalisation of RGB in [0, 1]
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -77,6 +82,14 @@ class LanguageConfig:
     type_vocab_size: int = 1
     # LayerNorm epsilon
     eps: float = 1e-5
+    # padding token id (RoBERTa numbers positions around it); None = the backbone's default
+    pad_token_id: int | None = None
+    # dropout on embeddings and sub-layer outputs while training (RoBERTa: 0.1)
+    dropout: float = 0.1
+    # dropout on attention probabilities while training (RoBERTa: 0.1)
+    attention_dropout: float = 0.1
+    # one more layer (self-attention + FFN, no cross-attention) after the last one (Prismer)
+    output_layer: bool = True
     # freeze the pretrained weights (pre-training); False fine-tunes the whole language model
     frozen: bool = True
 
@@ -97,8 +110,27 @@ class ResamplerConfig:
 class AdaptorConfig:
     # registered adaptor
     name: str = "residual"
-    # bottleneck width = ratio * model width
-    ratio: float = 0.5
+    # bottleneck width = ratio * model width (Prismer: 1)
+    ratio: float = 1.0
+    # activation between the two projections (Prismer: squared ReLU)
+    act: str = "squared_relu"
+    # start the up-projection at zero (not the reference: its adaptors start random); with a
+    # pre-norm adaptor the frozen backbone is then unchanged at initialisation
+    zero_init: bool = False
+
+
+@dataclass
+class TextConfig:
+    # prompt of captions in training and generation ("A picture of" fine-tuned, "" zero-shot)
+    caption_prompt: str = "A picture of"
+    # Prismer's text clean-up: first letter upper-cased and the rest lower-cased, the characters
+    # . ! " ( ) * # : ; ~ replaced by spaces, repeated spaces collapsed; questions end with "?"
+    normalize: bool = True
+    # words kept of a caption (prompt included) and of a question
+    max_words: int = 30
+    # tokens kept of a caption with BOS/EOS, and of a question with BOS (tokenizer truncation)
+    caption_tokens: int = 30
+    question_tokens: int = 35
 
 
 @dataclass
@@ -111,14 +143,18 @@ class ModelConfig:
     experts: list[str] = field(default_factory=list)
     resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
     adaptor: AdaptorConfig = field(default_factory=AdaptorConfig)
-    # hidden channels of the expert conv stems
-    stem_channels: int = 64
+    text: TextConfig = field(default_factory=TextConfig)
+    # learned instance embeddings added per instance of an instance expert (detection)
+    instance_embeddings: int = 128
     # registered head/objective
     head: str = "lm"
     # keyword options of the head (e.g. BLIP's queue_size, momentum, alpha)
     head_options: dict[str, Any] = field(default_factory=dict)
     # label smoothing of the next-token loss
     label_smoothing: float = 0.1
+    # "sample_sum": token losses summed per sequence, then averaged over the batch (Prismer);
+    # "token_mean": averaged over every target token of the batch
+    loss_reduction: str = "sample_sum"
     # longest text (prompt + target) in tokens, including BOS/EOS
     max_text_len: int = 40
 
@@ -242,3 +278,34 @@ def register_config_folder(register, folder: str | Path) -> None:
     ``register_model_configs`` hook: ``register_config_folder(register, CONFIG_DIR)``)."""
     for path in sorted(Path(folder).glob("*.toml")):
         register(path.stem, path)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return (
+            "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        )
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """A config dict (``ModelConfig.to_dict()``) as TOML that ``load_config`` reads back; None
+    values are left out (they are the defaults)."""
+    lines = [
+        f"{k} = {_toml_value(v)}"
+        for k, v in data.items()
+        if v is not None and not isinstance(v, dict)
+    ]
+    for k, v in data.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"]
+            lines += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if vv is not None]
+    return "\n".join(lines) + "\n"

@@ -51,6 +51,12 @@ class Expert(ABC):
     vocabulary: ClassVar[tuple[str, ...]] = ()
     # bump when outputs change: stored labels from other versions are recomputed
     version: ClassVar[str] = "1"
+    # experts with the same stem_group share one conv stem in the model (Prismer shares one
+    # between its segmentation experts: "seg"); None = a stem of its own, named after the expert
+    stem_group: ClassVar[str | None] = None
+    # semantic experts whose label indices are object instances (1..K per image, 0 = background):
+    # the model adds one of its learned instance embeddings per instance (Prismer's detection)
+    instances: ClassVar[bool] = False
 
     def __init__(self, *, weights: str | None = None, device: str | torch.device = "cpu") -> None:
         self.weights = weights

@@ -48,13 +48,16 @@ def register_vision_backbones(register: Callable[[type], None]) -> None:
 @hookspec
 def register_language_backbones(register: Callable[[type], None]) -> None:
     """Register language backbones (``prismkit.core.language.TextDecoder`` subclasses) run as
-    causal decoders with cross-attention: ``register(RobertaDecoder)``."""
+    causal decoders with cross-attention: ``register(RobertaDecoder)``. Constructor:
+    ``cls(config=LanguageConfig, adaptor=factory, vision_width=int)``."""
 
 
 @hookspec
 def register_adaptors(register: Callable[[type], None]) -> None:
     """Register residual adaptors inserted in every vision block and language layer:
-    ``register(ResidualAdaptor)``. Constructor: ``cls(width=..., hidden=...)``."""
+    ``register(ResidualAdaptor)``. Constructor: ``cls(width=..., hidden=..., act=...,
+    post_norm=..., zero_init=..., eps=...)`` (``post_norm``: ``LN(x + f(x))``, the language side).
+    """
 
 
 @hookspec

@@ -54,6 +54,7 @@ class ObjectDetection(Expert):
     name: ClassVar[str] = "obj_detection"
     kind: ClassVar[Literal["dense", "semantic"]] = "semantic"
     channels: ClassVar[int] = 64
+    instances: ClassVar[bool] = True
     default_weights: ClassVar[str] = "facebook/detr-resnet-50"
 
     def __init__(

@@ -37,6 +37,7 @@ class Mask2FormerSegmentation(Expert):
     name: ClassVar[str] = "seg_coco"
     kind: ClassVar[Literal["dense", "semantic"]] = "semantic"
     channels: ClassVar[int] = 64
+    stem_group: ClassVar[str | None] = "seg"
     default_weights: ClassVar[str] = "facebook/mask2former-swin-large-coco-panoptic"
 
     def __init__(self, *, weights: str | None = None, device: str | torch.device = "cpu") -> None:
