@@ -15,6 +15,7 @@ import copy
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -460,12 +461,15 @@ def forward_parts(
     t1 = time.perf_counter()
     t["rgb stem"] = t1 - t0
     if model.experts:
-        pos = model.vision.patch_pos
         maps = model.expert_maps(data["experts"], x.shape[0])
-        expert_tokens = torch.cat(
-            [model.expert_stems[s.name](m) + pos for s, m in zip(model.experts, maps, strict=True)],
-            dim=1,
-        )
+        parts = []
+        for slot, (m, inst) in zip(model.experts, maps, strict=True):
+            f = model.expert_stems[slot.stem](m)
+            if inst is not None:
+                f = model.add_instances(f, inst)
+            f = f.flatten(2).transpose(1, 2)
+            parts.append(f + model.vision.positions(math.isqrt(f.shape[1])))
+        expert_tokens = torch.cat(parts, dim=1)
         t2 = time.perf_counter()
         t["expert stems"] = t2 - t1
         if path == "resampler":
@@ -476,7 +480,7 @@ def forward_parts(
     else:
         t["expert stems"] = t["resampler"] = 0.0
     t3 = time.perf_counter()
-    vision = model.vision_proj(model.vision.encode(tokens))
+    vision = model.vision.encode(tokens)
     t4 = time.perf_counter()
     t["vision backbone"] = t4 - t3
     hidden, _ = model.language(data["input_ids"], vision, data["attention_mask"])
@@ -647,8 +651,8 @@ PROMPTS = [
 
 
 def bench_generation(s: Settings, model: PrismerModel, host: PluginHost) -> dict[str, Any]:
-    """Beam search (3 beams, exactly ``gen_length`` new tokens: EOS is blocked until the last step,
-    min_length = max_length - 1) with and without the key/value cache. One untimed warm-up, on the cached run (same kernels)."""
+    """Beam search (3 beams, exactly ``gen_length`` new tokens: EOS is blocked throughout) with
+    and without the key/value cache. One untimed warm-up, on the cached run (same kernels)."""
     model.eval()
     processor = Processor.from_config(model.config)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(s.gen_batch)]
@@ -660,11 +664,10 @@ def bench_generation(s: Settings, model: PrismerModel, host: PluginHost) -> dict
     result: dict[str, Any] = {
         "batch": s.gen_batch,
         "beams": 3,
-        "max_length": n,
-        "min_length": n - 1,
+        "new_tokens": n,
     }
     for use_cache in (True, False):
-        cfg = BeamConfig(beams=3, max_length=n, min_length=n - 1, use_cache=use_cache)
+        cfg = BeamConfig(beams=3, max_length=n, min_length=n, new_tokens=True, use_cache=use_cache)
         out: list[list[int]] = []
 
         def run(cfg: BeamConfig = cfg, out: list[list[int]] = out) -> None:
@@ -676,7 +679,7 @@ def bench_generation(s: Settings, model: PrismerModel, host: PluginHost) -> dict
                 processor.eos,
                 processor.pad,
                 cfg,
-            )
+            ).new_tokens(processor.eos, processor.pad)
 
         times = median_time(run, warmup=int(use_cache), repeats=s.gen_repeats)
         sec = statistics.median(times)

@@ -79,11 +79,21 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    path: str | Path, host: PluginHost | None = None, stage: str = "pretrain"
+    path: str | Path,
+    host: PluginHost | None = None,
+    stage: str = "pretrain",
+    overrides: list[str] | None = None,
 ) -> PrismerModel:
-    """Rebuild the model from the stored config, load its pretrained sources, then the checkpoint."""
+    """Rebuild the model from the stored config (with ``a.b=value`` overrides, e.g.
+    ``vision.image_size=480`` to fine-tune at another resolution: the positional embedding is
+    interpolated), load its pretrained sources, then the checkpoint."""
+    from prismkit.core.config import apply_override
+
     meta = read_metadata(path)
-    config = ModelConfig.from_dict(meta["config"], f"{path} (metadata)")
+    data = meta["config"]
+    for item in overrides or []:
+        apply_override(data, item, "--set")
+    config = ModelConfig.from_dict(data, f"{path} (metadata)")
     model = create_model(config, host, pretrained=True)
     model.freeze(stage)
     load_weights(model, path)
@@ -104,6 +114,17 @@ def load_weights(model: PrismerModel, path: str | Path) -> None:
         raise ValueError(
             f"checkpoint {path} does not fit this model: unexpected {unexpected[:5]}, missing {missing[:5]}"
         )
+    pos = "vision.position_embedding"
+    if (
+        pos in state
+        and state[pos].shape != own[pos].shape
+        and state[pos].shape[1:] == own[pos].shape[1:]
+    ):
+        # another resolution: bicubic interpolation of the grid, as the reference does when it
+        # fine-tunes a 224 px checkpoint at 480 px
+        from prismkit.core.vision.vit import resize_pos_embed
+
+        state[pos] = resize_pos_embed(state[pos], model.vision.grid)
     for k, v in state.items():
         if v.shape != own[k].shape:
             raise ValueError(

@@ -51,8 +51,9 @@ class VisionConfig:
     # freeze the transformer blocks (attention, MLP and their LayerNorms; True for a pretrained
     # CLIP ViT); adaptors, ln_pre/ln_post and positions always train
     frozen: bool = True
-    # freeze the image stem (Prismer trains the RGB patch conv; a pretrained CNN stays frozen)
-    stem_frozen: bool = False
+    # freeze the image stem; unset = the stem's own default (Prismer trains the RGB patch conv, a
+    # pretrained CNN trunk stays frozen)
+    stem_frozen: bool | None = None
     # per-channel normalisation of RGB in [0, 1]
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -146,6 +147,9 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     # learned instance embeddings added per instance of an instance expert (detection)
     instance_embeddings: int = 128
+    # label features of semantic experts: a Prismer label space (prismkit convert prismer-labels)
+    # or a prismkit PCA file (prismkit experts fit-pca); unset = the default PCA
+    label_space: str | None = None
     # registered head/objective
     head: str = "lm"
     # keyword options of the head (e.g. BLIP's queue_size, momentum, alpha)

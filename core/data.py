@@ -16,8 +16,9 @@ from torch.utils.data import Dataset
 
 from prismkit.core.processor import load_image
 
-CAPTION_PROMPT = "a picture of"
-VQA_PROMPT = "question: {} answer:"
+CAPTION_PROMPT = "A picture of"
+VQA_PROMPT = "{}"
+TASKS = ("caption", "vqa")
 
 
 class DataError(ValueError):
@@ -36,6 +37,10 @@ class Sample:
     target: str
     # VQA: every annotator answer (for the official accuracy); captioning: all references
     references: list[str] = field(default_factory=list)
+    # "caption": prompt + target is one text; "vqa": prompt is a question, target its answer
+    task: str = "caption"
+    # weight of the sample's loss (Prismer weights VQA answers; Visual Genome's get 0.2)
+    weight: float = 1.0
 
 
 def label_key(sample: Sample) -> str:

@@ -57,6 +57,9 @@ class Expert(ABC):
     # semantic experts whose label indices are object instances (1..K per image, 0 = background):
     # the model adds one of its learned instance embeddings per instance (Prismer's detection)
     instances: ClassVar[bool] = False
+    # the label table of Prismer's label space its names come from ("coco", "ade", "detection");
+    # None = free text (embedded by the text encoder, as OCR words are)
+    label_table: ClassVar[str | None] = None
 
     def __init__(self, *, weights: str | None = None, device: str | torch.device = "cpu") -> None:
         self.weights = weights

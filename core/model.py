@@ -218,7 +218,10 @@ class PrismerModel(nn.Module):
             mods += [layer.adaptor for layer in v.layers]
         else:
             mods.append(v.layers)
-        mods += [v.stem] if not self.config.vision.stem_frozen else v.stem.always_trainable()
+        stem_frozen = self.config.vision.stem_frozen
+        if stem_frozen is None:
+            stem_frozen = v.stem.frozen_by_default
+        mods += v.stem.always_trainable() if stem_frozen else [v.stem]
         if stage == "finetune" or not self.config.language.frozen:
             mods.append(lang)
         else:

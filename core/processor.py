@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +17,27 @@ from prismkit.core.config import ModelConfig
 from prismkit.core.heads import IGNORE
 
 ImageLike = str | Path | Image.Image | np.ndarray | Tensor
+
+_PUNCTUATION = re.compile(r"([.!\"()*#:;~])")
+
+
+def pre_caption(caption: str, max_words: int = 50) -> str:
+    """The reference's caption clean-up: capitalise (first letter upper, rest lower), the
+    characters ``.!"()*#:;~`` to spaces, repeated spaces collapsed, stripped, ``max_words`` kept."""
+    caption = _PUNCTUATION.sub(" ", caption.capitalize())
+    caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
+    words = caption.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else caption
+
+
+def pre_question(question: str, max_words: int = 50) -> str:
+    """The reference's question clean-up: as :func:`pre_caption` (without collapsing spaces), and
+    a question mark appended when missing."""
+    question = _PUNCTUATION.sub(" ", question.capitalize()).strip()
+    words = question.split(" ")
+    if len(words) > max_words:
+        question = " ".join(words[:max_words])
+    return question if question.endswith("?") else question + "?"
 
 
 def load_image(source: ImageLike) -> Tensor:
@@ -103,33 +125,116 @@ class Processor:
                 f"text {text[:60]!r} is {n} tokens with BOS/EOS; the model takes at most {limit}: shorten it or raise max_text_len"
             )
 
-    def encode(self, prompts: Sequence[str], targets: Sequence[str]) -> dict[str, Tensor]:
-        """Training batch: ``[BOS] prompt target [EOS]`` right-padded; labels -100 on BOS,
-        prompt and padding so only the target is learned."""
+    # -- Prismer's text formats ---------------------------------------------------------------
+    def caption_text(self, prompt: str, caption: str) -> str:
+        """The one string a caption is tokenised as: ``prompt + " " + caption`` through the
+        reference's ``pre_caption`` when ``text.normalize`` (first letter upper-cased and the rest
+        lower-cased, ``.!"()*#:;~`` replaced by spaces, spaces collapsed, ``max_words`` kept)."""
+        text = f"{prompt} {caption}" if prompt else caption
+        return (
+            pre_caption(text, self.config.text.max_words)
+            if self.config.text.normalize
+            else text.strip()
+        )
+
+    def question_text(self, question: str) -> str:
+        """A question as the reference feeds it (``pre_question``, then capitalised)."""
+        if not self.config.text.normalize:
+            return question.strip()
+        return pre_question(question, self.config.text.max_words).capitalize()
+
+    def answer_text(self, answer: str) -> str:
+        """An answer as the reference appends it: ``" " + answer.capitalize()`` (the leading space
+        gives the first word its byte-level BPE space marker)."""
+        return " " + (answer.strip().capitalize() if self.config.text.normalize else answer.strip())
+
+    def _caption_row(self, prompt: str, caption: str) -> tuple[list[int], list[int]]:
+        """``[BOS] prompt caption [EOS]`` tokenised as one string (truncated to
+        ``text.caption_tokens``) and its labels (-100 on BOS and the prompt)."""
+        text = self.caption_text(prompt, caption)
+        ids = self._ids(text)[: self.config.text.caption_tokens - 2]
+        seq = [self.bos, *ids, self.eos]
+        if prompt and self.config.text.normalize:
+            prompt = pre_caption(prompt, self.config.text.max_words)
+        n_prompt = 1 + (len(self._ids(prompt)) if prompt else 0)
+        labels = [IGNORE] * n_prompt + seq[n_prompt:]
+        if len(labels) > len(seq) or n_prompt >= len(seq) - 1:
+            raise ValueError(f"caption {caption[:60]!r} leaves no target tokens after the prompt")
+        return seq, labels[: len(seq)]
+
+    def encode(
+        self,
+        prompts: Sequence[str],
+        targets: Sequence[str],
+        tasks: Sequence[str] | None = None,
+        weights: Sequence[float] | None = None,
+    ) -> dict[str, Tensor]:
+        """A training batch, in the reference's formats; right-padded.
+
+        ``"caption"`` rows: ``[BOS] prompt target [EOS]`` tokenised as ONE string (so the first
+        target word carries its leading space with byte-level BPE, as the reference's
+        ``tokenizer("A picture of " + caption)``), labels -100 on BOS, the prompt and padding.
+        ``"vqa"`` rows (``prompts`` are questions): the question block ``[BOS] question``
+        (right-padded to the batch's longest question, as the reference pads it) followed by the
+        answer block ``" Answer" [EOS]``; labels on the answer only. Returns ``input_ids``,
+        ``attention_mask``, ``labels`` and, when given, per-sample ``weights``.
+        """
         if len(prompts) != len(targets):
             raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-        seqs, labs = [], []
-        for p, t in zip(prompts, targets, strict=True):
+        tasks = list(tasks) if tasks is not None else ["caption"] * len(prompts)
+        for i, t in enumerate(targets):
             if not t.strip():
-                raise ValueError(f"empty target text for prompt {p!r}")
-            pi, ti = self._ids(p) if p else [], self._ids(t)
-            seq = [self.bos, *pi, *ti, self.eos]
-            self._check_len(len(seq), p + " " + t)
-            seqs.append(seq)
-            labs.append([IGNORE] * (1 + len(pi)) + [*ti, self.eos])
-        n = max(map(len, seqs))
-        ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
-        labels = torch.full((len(seqs), n), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(seqs), n), dtype=torch.long)
-        for i, (s, lab) in enumerate(zip(seqs, labs, strict=True)):
-            ids[i, : len(s)] = torch.tensor(s)
-            labels[i, : len(lab)] = torch.tensor(lab)
-            mask[i, : len(s)] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+                raise ValueError(f"sample {i}: empty target text for prompt {prompts[i]!r}")
+        qlen = self.config.text.question_tokens
+        questions = {
+            i: [self.bos, *self._ids(self.question_text(prompts[i]))][:qlen]
+            for i, task in enumerate(tasks)
+            if task == "vqa"
+        }
+        qwidth = max((len(q) for q in questions.values()), default=0)
+        rows: list[tuple[list[int], list[int], list[int]]] = []
+        for i, (prompt, target, task) in enumerate(zip(prompts, targets, tasks, strict=True)):
+            if task == "vqa":
+                q = questions[i]
+                a = [*self._ids(self.answer_text(target)), self.eos]
+                pad = [self.pad] * (qwidth - len(q))
+                seq = q + pad + a
+                mask = [1] * len(q) + [0] * len(pad) + [1] * len(a)
+                labels = [IGNORE] * qwidth + a
+            elif task == "caption":
+                seq, labels = self._caption_row(prompt, target)
+                mask = [1] * len(seq)
+            else:
+                raise ValueError(f"sample {i}: unknown task {task!r}; expected 'caption' or 'vqa'")
+            self._check_len(sum(mask), prompt + " " + target)
+            rows.append((seq, mask, labels))
+        n = max(len(r[0]) for r in rows)
+        ids = torch.full((len(rows), n), self.pad, dtype=torch.long)
+        labels = torch.full((len(rows), n), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, (s_, m_, l_) in enumerate(rows):
+            ids[i, : len(s_)] = torch.tensor(s_)
+            mask[i, : len(m_)] = torch.tensor(m_)
+            labels[i, : len(l_)] = torch.tensor(l_)
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if weights is not None:
+            out["weights"] = torch.tensor(list(weights), dtype=torch.float32)
+        return out
+
+    def batch(self, samples) -> dict[str, Tensor]:
+        """:meth:`encode` of dataset samples (``prompt``, ``target``, ``task``, ``weight``)."""
+        weights = [s.weight for s in samples]
+        return self.encode(
+            [s.prompt for s in samples],
+            [s.target for s in samples],
+            [s.task for s in samples],
+            weights if any(w != 1.0 for w in weights) else None,
+        )
 
     def prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
-        """Generation prompts ``[BOS] prompt``, left-padded."""
-        seqs = [[self.bos, *(self._ids(p) if p else [])] for p in prompts]
+        """Caption generation prompts ``[BOS] prompt`` (the reference tokenises the prompt and
+        drops its EOS), left-padded when they differ in length."""
+        seqs = [[self.bos, *(self._ids(p.strip()) if p.strip() else [])] for p in prompts]
         for s, p in zip(seqs, prompts, strict=True):
             self._check_len(len(s), p)
         n = max(map(len, seqs))
@@ -140,9 +245,34 @@ class Processor:
             mask[i, n - len(s) :] = 1
         return {"input_ids": ids, "attention_mask": mask}
 
+    def questions(self, questions: Sequence[str]) -> dict[str, Tensor]:
+        """VQA prompts as the reference builds them: ``[BOS] question`` (no EOS), right-padded."""
+        seqs = [
+            [self.bos, *self._ids(self.question_text(q))][: self.config.text.question_tokens]
+            for q in questions
+        ]
+        n = max(map(len, seqs))
+        ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), n), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def answers(self, answers: Sequence[str]) -> dict[str, Tensor]:
+        """Candidate answers ``" Answer" [EOS]``, right-padded ``(C, A)`` ids and mask."""
+        seqs = [[*self._ids(self.answer_text(a)), self.eos] for a in answers]
+        n = max(map(len, seqs))
+        ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), n), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
     def candidates(self, candidates: Sequence[str]) -> list[list[int]]:
-        """Answer candidates as token ids ending in EOS."""
-        return [[*self._ids(c), self.eos] for c in candidates]
+        """Answer candidates as token ids ending in EOS (with the leading space)."""
+        return [[*self._ids(self.answer_text(c)), self.eos] for c in candidates]
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = list(ids)

@@ -28,7 +28,7 @@ class EasyVQA(VLDataset):
     def __init__(self, *, split: str = "train", fraction: float = 1.0, seed: int = 0) -> None:
         q, a, ids, paths, answers = _easy_vqa(split)
         samples = [
-            Sample(paths[i], paths[i], VQA_PROMPT.format(qq), aa, [aa])
+            Sample(paths[i], paths[i], VQA_PROMPT.format(qq), aa, [aa], task="vqa")
             for qq, aa, i in zip(q, a, ids, strict=True)
         ]
         super().__init__(_subset(samples, fraction, seed), answers)

@@ -128,7 +128,14 @@ class VQAv2(VLDataset):
                 continue
             refs = [a["answer"] for a in ann.get("answers", [])] or [target]
             samples.append(
-                Sample(img, str(q["image_id"]), VQA_PROMPT.format(q["question"]), target, refs)
+                Sample(
+                    img,
+                    str(q["image_id"]),
+                    VQA_PROMPT.format(q["question"]),
+                    target,
+                    refs,
+                    task="vqa",
+                )
             )
         super().__init__(_subset(samples, fraction, seed), answers)
 

@@ -27,7 +27,7 @@ def _toml(value: object) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from prismkit.engine.train import TrainConfig, load_run_config, train
+    from prismkit.engine.train import TrainConfig, load_run_config, run_model_overrides, train
 
     host = args.host
     run_sets, model_sets = _split_overrides(args.set)
@@ -37,7 +37,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if getattr(args, f.name) is not None
     ]
     run = load_run_config(args.run, run_sets + flags)
-    result = train(resolve_config(host, args.config, model_sets), run, host, resume=args.resume)
+    model_cfg = resolve_config(host, args.config, run_model_overrides(args.run) + model_sets)
+    result = train(model_cfg, run, host, resume=args.resume)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -49,7 +50,7 @@ def _predictor(args: argparse.Namespace):
     from prismkit.labels.feeder import ExpertFeeder
 
     host = args.host
-    model = load_checkpoint(args.checkpoint, host).eval()
+    model = load_checkpoint(args.checkpoint, host, overrides=getattr(args, "set", [])).eval()
     feeder = ExpertFeeder(model, host, getattr(args, "labels", ""), compute_missing=True)
     return Predictor(model, Processor.from_config(model.config), feeder), host
 
@@ -67,7 +68,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def cmd_ask(args: argparse.Namespace) -> int:
     pred, _ = _predictor(args)
     candidates = [c.strip() for c in args.candidates.split(",")] if args.candidates else None
-    print(pred.answer([args.image], [args.question], candidates)[0])
+    print(pred.answer([args.image], [args.question], candidates, top_k=args.k_test)[0])
     return 0
 
 
@@ -76,8 +77,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from prismkit.engine.evaluate import evaluate_datasets
     from prismkit.engine.train import load_run_config
 
+    run_sets, model_sets = _split_overrides(args.set)
+    args.set = model_sets
     pred, host = _predictor(args)
-    run = load_run_config(args.run, args.set)
+    run = load_run_config(args.run, run_sets)
     d = run.data
     metrics = evaluate_datasets(
         pred.model,
@@ -102,7 +105,11 @@ def _configure_train(t: argparse.ArgumentParser) -> None:
     from prismkit.engine.train import TrainConfig
 
     t.add_argument("config", nargs="?", default="offline_default", help="model config name or TOML")
-    t.add_argument("--run", help="run config TOML with [data], [train], [eval] tables")
+    t.add_argument(
+        "--run",
+        help="run config TOML with [data], [train], [eval] (and [model] overrides) tables, or a "
+        "shipped recipe: prismer_pretrain, prismer_caption, prismer_vqa",
+    )
     add_set_argument(
         t, "override a field: model fields (vision.width=...) or train./data./eval. fields"
     )
@@ -121,20 +128,31 @@ def _configure_train(t: argparse.ArgumentParser) -> None:
     t.set_defaults(func=cmd_train)
 
 
-def _checkpoint_command(c: argparse.ArgumentParser) -> None:
+def _checkpoint_command(c: argparse.ArgumentParser, with_set: bool = True) -> None:
     c.add_argument("checkpoint", help="a prismkit .safetensors checkpoint")
     c.add_argument(
         "--labels", default="", help="label store folder (experts run on the fly otherwise)"
     )
+    if with_set:
+        add_set_argument(
+            c,
+            "override a field of the checkpoint's config, e.g. 'label_space=\"labels.safetensors\"'",
+        )
 
 
 def _configure_caption(c: argparse.ArgumentParser) -> None:
     _checkpoint_command(c)
     c.add_argument("images", nargs="+")
-    c.add_argument("--prompt", default="a picture of")
+    c.add_argument(
+        "--prompt", default=None, help="caption prompt (default: the config's text.caption_prompt)"
+    )
     c.add_argument("--beams", type=int, default=3)
-    c.add_argument("--max-length", type=int, default=20)
-    c.add_argument("--min-length", type=int, default=8)
+    c.add_argument(
+        "--max-length", type=int, default=20, help="longest caption, prompt included (tokens)"
+    )
+    c.add_argument(
+        "--min-length", type=int, default=8, help="shortest caption, prompt included (tokens)"
+    )
     c.set_defaults(func=cmd_caption)
 
 
@@ -145,15 +163,18 @@ def _configure_ask(c: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--candidates", help="comma-separated answers to rank (closed-ended); omit to generate"
     )
+    c.add_argument(
+        "--k-test", type=int, default=None, help="rank the k best first tokens (default: all)"
+    )
     c.set_defaults(func=cmd_ask)
 
 
 def _configure_eval(c: argparse.ArgumentParser) -> None:
-    _checkpoint_command(c)
+    _checkpoint_command(c, with_set=False)
     c.add_argument(
         "--run", help="run config TOML ([data] names the dataset, [eval] the beam settings)"
     )
-    add_set_argument(c)
+    add_set_argument(c, "override a run field (data./eval.) or a field of the checkpoint's config")
     c.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
     c.add_argument("--out", help="write the metrics JSON here")
     c.set_defaults(func=cmd_eval)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from prismkit.core.data import VLDataset, label_key
-from prismkit.core.generation import BeamConfig, beam_search, score_candidates
+from prismkit.core.generation import BeamConfig, beam_search, rank_answers
 from prismkit.core.model import PrismerModel
 from prismkit.core.processor import ImageLike, Processor
 
@@ -40,9 +40,16 @@ class Predictor:
 
     @torch.no_grad()
     def caption(
-        self, images, prompt: str = "", cfg: BeamConfig | None = None, ids: list[str] | None = None
+        self,
+        images,
+        prompt: str | None = None,
+        cfg: BeamConfig | None = None,
+        ids: list[str] | None = None,
     ) -> list[str]:
+        """Beam-search captions after ``prompt`` (default: the config's ``text.caption_prompt``;
+        "" for zero-shot models), transformers' semantics (``max_length`` counts the prompt)."""
         self.model.eval()
+        prompt = self.processor.config.text.caption_prompt if prompt is None else prompt
         vision = self._encode(images, ids)
         p = self.processor.prompts([prompt] * vision.shape[0])
         p = {k: v.to(vision.device) for k, v in p.items()}
@@ -55,7 +62,9 @@ class Predictor:
             self.processor.pad,
             cfg or BeamConfig(),
         )
-        return [self.processor.decode(o) for o in out]
+        return [
+            self.processor.decode(o) for o in out.new_tokens(self.processor.eos, self.processor.pad)
+        ]
 
     @torch.no_grad()
     def answer(
@@ -63,56 +72,78 @@ class Predictor:
         images,
         questions: Sequence[str],
         candidates: Sequence[str] | None = None,
-        prompt: str = "question: {} answer:",
         top_k: int | None = None,
         ids: list[str] | None = None,
+        cfg: BeamConfig | None = None,
     ) -> list[str]:
-        """Closed-ended (rank ``candidates`` by mean log-likelihood) or open-ended (beam search)."""
+        """Closed-ended: Prismer's ranking of ``candidates`` (the ``top_k`` likeliest by first
+        token, default all, re-scored by label-smoothed mean log-likelihood); open-ended: beam
+        search after the question, as ``PrismerVQA(inference="generate")``: ``max_length`` =
+        question + 10, ``min_length`` = question + 2, ``length_penalty`` -1 unless ``cfg``."""
         self.model.eval()
         vision = self._encode(images, ids)
         if len(questions) != vision.shape[0]:
             raise ValueError(f"{vision.shape[0]} images but {len(questions)} questions")
-        p = self.processor.prompts([prompt.format(q) for q in questions])
-        p = {k: v.to(vision.device) for k, v in p.items()}
+        q = {k: v.to(vision.device) for k, v in self.processor.questions(questions).items()}
         if candidates:
-            scores = score_candidates(
+            a = {k: v.to(vision.device) for k, v in self.processor.answers(candidates).items()}
+            ranked = rank_answers(
                 self.model.language,
                 vision,
-                p["input_ids"],
-                p["attention_mask"],
-                self.processor.candidates(candidates),
-                self.processor.pad,
-                top_k,
+                q["input_ids"],
+                q["attention_mask"],
+                a["input_ids"],
+                a["attention_mask"],
+                top_k or len(candidates),
+                self.model.config.label_smoothing,
             )
-            return [candidates[j] for j in scores.argmax(-1).tolist()]
+            return [candidates[j] for j in ranked.answer_index.tolist()]
+        width = q["input_ids"].shape[1]
+        cfg = cfg or BeamConfig(
+            beams=3, max_length=width + 10, min_length=width + 2, length_penalty=-1.0
+        )
         out = beam_search(
             self.model.language,
             vision,
-            p["input_ids"],
-            p["attention_mask"],
+            q["input_ids"],
+            q["attention_mask"],
             self.processor.eos,
             self.processor.pad,
-            BeamConfig(beams=3, max_length=8, min_length=1),
+            cfg,
         )
-        return [self.processor.decode(o) for o in out]
+        return [
+            self.processor.decode(o).lower().strip()
+            for o in out.new_tokens(self.processor.eos, self.processor.pad)
+        ]
 
     @torch.no_grad()
     def classify(
-        self, images, classes: Sequence[str], template: str = "a photo of a {}"
+        self, images, classes: Sequence[str], prompt: str = "A photo of a"
     ) -> torch.Tensor:
-        """``(B, C)`` mean log-likelihood of "a photo of a [CLASS]" for each class."""
+        """``(B, C)`` label-smoothed mean log-likelihood of ``" " + class`` after ``prompt``
+        (Prismer's zero-shot classification ranks "A photo of a [CLASS]")."""
         self.model.eval()
         vision = self._encode(images)
-        p = self.processor.prompts([""] * vision.shape[0])
-        p = {k: v.to(vision.device) for k, v in p.items()}
-        return score_candidates(
+        p = {
+            k: v.to(vision.device)
+            for k, v in self.processor.prompts([prompt] * vision.shape[0]).items()
+        }
+        a = {
+            k: v.to(vision.device)
+            for k, v in self.processor.answers([c.lower() for c in classes]).items()
+        }
+        ranked = rank_answers(
             self.model.language,
             vision,
             p["input_ids"],
             p["attention_mask"],
-            self.processor.candidates([template.format(c) for c in classes]),
-            self.processor.pad,
+            a["input_ids"],
+            a["attention_mask"],
+            len(classes),
+            self.model.config.label_smoothing,
         )
+        scores = torch.full((vision.shape[0], len(classes)), float("-inf"), device=vision.device)
+        return scores.scatter(1, ranked.topk_ids, ranked.scores)
 
 
 def evaluate(
@@ -139,10 +170,8 @@ def evaluate(
             pixels = torch.stack([images(i) for i in idx])
             ids = [label_key(s) for s in samples]
             questions = [s.prompt for s in samples]
-            closed += pred.answer(
-                pixels, questions, data.answer_list, prompt="{}", top_k=cfg.top_k, ids=ids
-            )
-            opened += pred.answer(pixels, questions, None, prompt="{}", ids=ids)
+            closed += pred.answer(pixels, questions, data.answer_list, top_k=cfg.top_k, ids=ids)
+            opened += pred.answer(pixels, questions, None, ids=ids)
             refs += [s.references or [s.target] for s in samples]
             n += len(idx)
         return {

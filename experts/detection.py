@@ -55,6 +55,7 @@ class ObjectDetection(Expert):
     kind: ClassVar[Literal["dense", "semantic"]] = "semantic"
     channels: ClassVar[int] = 64
     instances: ClassVar[bool] = True
+    label_table: ClassVar[str | None] = "detection"
     default_weights: ClassVar[str] = "facebook/detr-resnet-50"
 
     def __init__(

@@ -38,6 +38,7 @@ class Mask2FormerSegmentation(Expert):
     kind: ClassVar[Literal["dense", "semantic"]] = "semantic"
     channels: ClassVar[int] = 64
     stem_group: ClassVar[str | None] = "seg"
+    label_table: ClassVar[str | None] = "coco"
     default_weights: ClassVar[str] = "facebook/mask2former-swin-large-coco-panoptic"
 
     def __init__(self, *, weights: str | None = None, device: str | torch.device = "cpu") -> None:

@@ -165,6 +165,36 @@ def _configure(p: argparse.ArgumentParser) -> None:
     f.set_defaults(func=cmd_fit_pca)
 
 
+def _configure_label_space(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "folder", type=Path, help="the reference's dataset/ folder (*_features.pt, clip_pca.pkl)"
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, help="label space file (.safetensors) to write"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_convert_label_space)
+
+
+def cmd_convert_label_space(args: argparse.Namespace) -> int:
+    from prismkit.labels.prismer_space import convert_label_space
+
+    out = convert_label_space(args.folder, args.out, args.overwrite)
+    print(
+        f"wrote {out}: the reference's label tables, background vector and PCA (read with "
+        "torch.load(weights_only=True) and an allow-list parser; no pickle code ran). Use it with "
+        f"--set 'label_space=\"{out}\"'"
+    )
+    return 0
+
+
 @hookimpl
 def register_commands(register) -> None:
     register(Command("experts", "precompute, show and embed expert labels", _configure))
+    register(
+        Command(
+            "convert prismer-labels",
+            "Prismer's label features (dataset/*_features.pt, clip_pca.pkl) -> one safetensors file",
+            _configure_label_space,
+        )
+    )

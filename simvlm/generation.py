@@ -49,6 +49,10 @@ class PrefixDecoder:
     def logits(self, hidden: Tensor) -> Tensor:
         return self.decoder.logits(hidden)
 
+    @property
+    def pad_token_id(self) -> int:
+        return self.decoder.pad_token_id
+
 
 def _encode(
     source: Predictor | PrismerModel, processor: Processor, images: Sequence[ImageLike] | Tensor
@@ -86,7 +90,9 @@ def prefix_generate(
     cfg: BeamConfig | None = None,
 ) -> list[str]:
     """Beam-search a continuation of each prompt (one per image), the prompt read as a
-    bidirectional prefix. ``images``: paths, PIL images, arrays or ``(B, 3, S, S)`` in [0, 1]."""
+    bidirectional prefix. ``images``: paths, PIL images, arrays or ``(B, 3, S, S)`` in [0, 1].
+    ``cfg`` lengths count new tokens unless ``cfg.new_tokens`` is False (default: 20 new tokens,
+    at least 1)."""
     model, vision = _encode(source, processor, images)
     if len(prompts) != vision.shape[0]:
         raise ValueError(f"{vision.shape[0]} images but {len(prompts)} prompts")
@@ -98,9 +104,9 @@ def prefix_generate(
         p["attention_mask"],
         processor.eos,
         processor.pad,
-        cfg or BeamConfig(),
+        cfg or BeamConfig(max_length=20, min_length=1, new_tokens=True),
     )
-    return [processor.decode(o) for o in out]
+    return [processor.decode(o) for o in out.new_tokens(processor.eos, processor.pad)]
 
 
 def prefix_caption(
@@ -124,5 +130,5 @@ def prefix_vqa(
     cfg: BeamConfig | None = None,
 ) -> list[str]:
     """Open-ended VQA: generate after ``prompt.format(question)`` read as the prefix."""
-    cfg = cfg or BeamConfig(beams=3, max_length=8, min_length=1)
+    cfg = cfg or BeamConfig(beams=3, max_length=8, min_length=1, new_tokens=True)
     return prefix_generate(source, processor, images, [prompt.format(q) for q in questions], cfg)

@@ -73,6 +73,22 @@ class FakeDense(Expert):
         return LabelMap(images * inputs["edge"].values)
 
 
+class FakeInstances(Expert):
+    """A semantic instance expert: two boxes per image, each its own instance of "thing"."""
+
+    name = "fake_instances"
+    kind = "semantic"
+    channels = 64
+    instances = True
+
+    def predict(self, images, inputs):
+        b, _, h, w = images.shape
+        idx = torch.zeros(b, h, w, dtype=torch.long)
+        idx[:, : h // 2, : w // 2] = 1
+        idx[:, h // 2 :, w // 2 :] = 2
+        return LabelMap(idx, [["background", "thing", "thing"]] * b)
+
+
 class TestPlugin:
     __name__ = "test_plugin"
 
@@ -80,6 +96,7 @@ class TestPlugin:
     def register_experts(self, register):
         register(FakeSemantic)
         register(FakeDense)
+        register(FakeInstances)
 
 
 def write_tokenizer(folder: Path) -> None:
@@ -139,7 +156,8 @@ def batch_for(model: PrismerModel, b: int = 2, seed: int = 0) -> dict:
             labels[name] = out.values
         else:
             table = torch.randn(len(out.names[0]), experts[name].channels, generator=g)
-            labels[name] = SemanticInput(out.values, table)
+            inst = out.values if experts[name].instances else None
+            labels[name] = SemanticInput(out.values, table, inst)
     ids = torch.randint(5, 60, (b, 9), generator=g)
     mask = torch.ones_like(ids)
     mask[1, -2:] = 0

@@ -268,10 +268,10 @@ def test_prefix_decoder_cache_matches_full_recompute(model):
 def test_prefix_caption_and_vqa(model, tiny_dir):
     processor = Processor.from_config(model.config)
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    cfg = BeamConfig(beams=2, max_length=5, min_length=2)
+    cfg = BeamConfig(beams=2, max_length=5, min_length=2, new_tokens=True)
     caps = prefix_caption(model, processor, images, cfg=cfg)
     assert len(caps) == 2 and all(isinstance(c, str) and c for c in caps)
-    uncached = BeamConfig(beams=2, max_length=5, min_length=2, use_cache=False)
+    uncached = BeamConfig(beams=2, max_length=5, min_length=2, new_tokens=True, use_cache=False)
     assert prefix_caption(model, processor, images, cfg=uncached) == caps
     predictor = Predictor(model, processor, lambda pixels, ids: {})
     assert prefix_caption(predictor, processor, images, cfg=cfg) == caps
