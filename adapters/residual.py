@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from prismkit.core.hookspecs import hookimpl
-from prismkit.core.layers import LayerNorm32, activation
+from prismkit.core.layers import LayerNorm32, Linear, activation
 
 
 class ResidualAdaptor(nn.Module):
@@ -38,8 +38,8 @@ class ResidualAdaptor(nn.Module):
         super().__init__()
         self.post_norm = post_norm
         self.norm = LayerNorm32(width, eps=eps)
-        self.down = nn.Linear(width, hidden)
-        self.up = nn.Linear(hidden, width)
+        self.down = Linear(width, hidden)
+        self.up = Linear(hidden, width)
         self.act = activation(act)
         if zero_init:
             nn.init.zeros_(self.up.weight)

@@ -205,8 +205,9 @@ def generate_beams(
 
 def decoder_step(decoder, vision: Tensor, beams: int) -> tuple[StepFn, ReorderFn]:
     """The step and reorder functions of a prismkit ``TextDecoder`` attending to ``vision
-    (B, N, D)`` (repeated per beam, as transformers repeats ``encoder_hidden_states``)."""
-    vision = vision.repeat_interleave(beams, dim=0)
+    (B, N, D)``. transformers repeats ``encoder_hidden_states`` per beam; here the ``beams`` rows
+    of one image share its cross-attention keys/values (the same numbers, projected once and
+    never reordered: beams stay with their image)."""
 
     def step(ids: Tensor, mask: Tensor, cache: Any) -> tuple[Tensor, Any]:
         if cache is None:

@@ -7,12 +7,49 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+class _QuickGELU(torch.autograd.Function):
+    """``x * sigmoid(1.702 x)`` (CLIP's activation). The forward is the plain formula, bit for
+    bit; only ``x`` is kept for the backward (the sigmoid is recomputed there), so a frozen MLP
+    keeps one ``(B, T, 4D)`` tensor per layer instead of three, and the backward is 6 in-place
+    passes instead of autograd's 8 (bench/README.md)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(1.702 * x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(1.702 * x)
+        # d/dx x s(1.702 x) = s (1 + 1.702 x (1 - s))
+        return torch.sub(1, s).mul_(x).mul_(1.702).add_(1).mul_(s).mul_(grad)
+
+
+class _SquaredReLU(torch.autograd.Function):
+    """``relu(x) ** 2``; keeps ``relu(x)`` for the backward ``2 relu(x) grad`` (two passes instead
+    of autograd's pow + threshold chain)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        r = torch.relu(x)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (r,) = ctx.saved_tensors
+        return (grad * r).mul_(2)
+
+
 def quick_gelu(x: Tensor) -> Tensor:
-    return x * torch.sigmoid(1.702 * x)
+    """``x * sigmoid(1.702 x)``."""
+    return _QuickGELU.apply(x)
 
 
 def squared_relu(x: Tensor) -> Tensor:
-    return torch.relu(x).square()
+    """``relu(x) ** 2``."""
+    return _SquaredReLU.apply(x)
 
 
 ACTIVATIONS = {
@@ -29,6 +66,36 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear``, computed as ``(weight @ x^T)^T`` for a handful of rows without autograd.
+
+    Decoding feeds 12 rows (4 images x 3 beams) through every layer per step; MKL's GEMM for
+    ``x @ W^T`` at such sizes reads the weight about twice as slowly as ``W @ x^T`` (the tied
+    50265 x 768 LM head: 2.1x, a 3072 x 768 layer: 1.5x; bench/README.md), and decoding is
+    bound by reading the weights. Same products, summed in another order (float32 rounding)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (
+        torch.is_grad_enabled()
+        or not 8 <= rows <= 64
+        or x.device.type != "cpu"
+        or weight.dtype != x.dtype
+    ):
+        return F.linear(x, weight, bias)
+    flat = x.reshape(rows, x.shape[-1])
+    if bias is None:
+        out = torch.mm(weight, flat.t())
+    else:
+        out = torch.addmm(bias[:, None].to(x.dtype), weight, flat.t())
+    return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict keys) whose forward is :func:`linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class LayerNorm32(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the input dtype (CLIP and Prismer do this, so
     mixed-precision training normalises in full precision); returns the input dtype."""
@@ -39,6 +106,29 @@ class LayerNorm32(nn.LayerNorm):
         w = None if self.weight is None else self.weight.float()
         b = None if self.bias is None else self.bias.float()
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+def explicit_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, dropout: float = 0.0
+) -> Tensor:
+    """``softmax(q k^T / sqrt(Dh) + mask) v`` with dropout on the probabilities, as BERT/RoBERTa
+    write it: ``q (B, H, Tq, Dh)``, ``k, v (B, H, Tk, Dh)``, ``mask`` additive float or bool
+    (True = allowed) broadcastable to ``(B, H, Tq, Tk)``.
+
+    Used instead of ``F.scaled_dot_product_attention`` where the fused CPU kernel is slower:
+    with dropout (SDPA falls back to its math path, which also scales and copies the keys) and,
+    when training, few queries over many keys (the resampler's 64 latents over 1,240 tokens:
+    1.3x faster forward + backward here, bench/README.md)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    probs = scores.softmax(dim=-1)
+    if dropout > 0:
+        probs = F.dropout(probs, dropout, training=True)
+    return torch.matmul(probs, v)
 
 
 class Attention(nn.Module):
@@ -65,10 +155,10 @@ class Attention(nn.Module):
         kv_width = kv_width or width
         self.heads = heads
         self.dropout = dropout
-        self.q_proj = nn.Linear(width, width, bias=bias)
-        self.k_proj = nn.Linear(kv_width, width, bias=bias)
-        self.v_proj = nn.Linear(kv_width, width, bias=bias)
-        self.out_proj = nn.Linear(width, width, bias=bias)
+        self.q_proj = Linear(width, width, bias=bias)
+        self.k_proj = Linear(kv_width, width, bias=bias)
+        self.v_proj = Linear(kv_width, width, bias=bias)
+        self.out_proj = Linear(width, width, bias=bias)
 
     def split(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
@@ -85,7 +175,10 @@ class Attention(nn.Module):
         past: tuple[Tensor, Tensor] | None = None,
         fixed_kv: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """The attention output before ``out_proj`` ``(B, Tq, D)`` and the keys/values used."""
+        """The attention output before ``out_proj`` ``(B, Tq, D)`` and the keys/values used.
+
+        ``fixed_kv`` may hold fewer rows than ``x`` when each of its rows serves ``g`` consecutive
+        rows of ``x`` (the beams of one image): ``(B / g, H, Tk, Dh)``, no mask."""
         q = self.split(self.q_proj(x))
         if fixed_kv is not None:
             k, v = fixed_kv
@@ -97,10 +190,24 @@ class Attention(nn.Module):
         if mask is not None and mask.dtype.is_floating_point and mask.dtype != q.dtype:
             # keep "hidden" finite in the compute dtype (a float32 minimum is -inf in bfloat16)
             mask = mask.clamp(min=torch.finfo(q.dtype).min).to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        b, h, t, d = out.shape
+        b, h, t, d = q.shape
+        groups = b // k.shape[0]
+        if groups > 1:  # shared keys/values: the g rows' queries become one row's g*t queries
+            if mask is not None or b % k.shape[0]:
+                raise ValueError(
+                    f"keys/values of {k.shape[0]} rows cannot serve {b} query rows with a mask"
+                )
+            q = q.view(k.shape[0], groups, h, t, d).transpose(1, 2).reshape(-1, h, groups * t, d)
+        p = self.dropout if self.training else 0.0
+        if p > 0 or (torch.is_grad_enabled() and k.shape[2] >= 4 * q.shape[2]):
+            # heads-major keys/values: the products below then need no copy, and a decoding
+            # cache keeps them so (one copy per projection instead of one per step)
+            k, v = k.contiguous(), v.contiguous()
+            out = explicit_attention(q, k, v, mask, p)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if groups > 1:
+            out = out.view(-1, h, groups, t, d).transpose(1, 2).reshape(b, h, t, d)
         return out.transpose(1, 2).reshape(b, t, h * d), (k, v)
 
     def forward(
@@ -120,8 +227,8 @@ class Mlp(nn.Module):
 
     def __init__(self, width: int, hidden: int, act: str = "gelu") -> None:
         super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
+        self.fc1 = Linear(width, hidden)
+        self.fc2 = Linear(hidden, width)
         self.act = activation(act)
 
     def forward(self, x: Tensor) -> Tensor:

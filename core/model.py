@@ -289,6 +289,19 @@ class PrismerModel(nn.Module):
         experts) or None. Dense maps are rescaled per sample to [-1, 1) (``2 (x - min) / (max -
         min + 1e-6) - 1``, min/max over all channels); semantic indices are tiled from their
         table."""
+        maps = []
+        for value, instances in self.expert_inputs(experts, batch):
+            if isinstance(value, tuple):
+                idx, table = value
+                value = F.embedding(idx, table).permute(0, 3, 1, 2)
+            maps.append((value, instances))
+        return maps
+
+    def expert_inputs(
+        self, experts: dict[str, ExpertInput] | None, batch: int
+    ) -> list[tuple[Tensor | tuple[Tensor, Tensor], Tensor | None]]:
+        """As :meth:`expert_maps`, but a semantic expert's map stays untiled: ``(index (B, S, S),
+        table (K, C))`` (its stem resizes it on the label grid, :meth:`ExpertStem.forward_labels`)."""
         experts = experts or {}
         s = self.expert_size
         missing = [e.name for e in self.experts if e.name not in experts]
@@ -297,7 +310,7 @@ class PrismerModel(nn.Module):
             raise ValueError(
                 f"expert inputs: missing {missing}, not enabled {extra}; the model uses {[e.name for e in self.experts]}"
             )
-        maps = []
+        out: list[tuple[Tensor | tuple[Tensor, Tensor], Tensor | None]] = []
         for slot in self.experts:
             value = experts[slot.name]
             instances = None
@@ -310,25 +323,24 @@ class PrismerModel(nn.Module):
                     raise ValueError(
                         f"expert {slot.name!r} table has {value.table.shape[-1]} dims; expected {slot.channels}"
                     )
-                idx = _resize_labels(value.index, s)
-                x = F.embedding(idx, value.table.to(self.pixel_mean.dtype)).permute(0, 3, 1, 2)
+                labels = (_resize_labels(value.index, s), value.table.to(self.pixel_mean.dtype))
                 if slot.instances:
                     inst = value.instances if value.instances is not None else value.index
                     instances = _resize_labels(inst, s)
-            else:
-                x = value
-                if x.dim() != 4 or x.shape[:2] != (batch, slot.channels):
-                    raise ValueError(
-                        f"expert {slot.name!r} map is {tuple(x.shape)}; expected ({batch}, {slot.channels}, H, W)"
-                    )
-                x = x.float()
-                if x.shape[-2:] != (s, s):
-                    x = F.interpolate(x, size=(s, s), mode="nearest-exact")
-                lo = x.amin(dim=(1, 2, 3), keepdim=True)
-                hi = x.amax(dim=(1, 2, 3), keepdim=True)
-                x = 2 * (x - lo) / (hi - lo + 1e-6) - 1
-            maps.append((x, instances))
-        return maps
+                out.append((labels, instances))
+                continue
+            x = value
+            if x.dim() != 4 or x.shape[:2] != (batch, slot.channels):
+                raise ValueError(
+                    f"expert {slot.name!r} map is {tuple(x.shape)}; expected ({batch}, {slot.channels}, H, W)"
+                )
+            x = x.float()
+            if x.shape[-2:] != (s, s):
+                x = F.interpolate(x, size=(s, s), mode="nearest-exact")
+            lo = x.amin(dim=(1, 2, 3), keepdim=True)
+            hi = x.amax(dim=(1, 2, 3), keepdim=True)
+            out.append((2 * (x - lo) / (hi - lo + 1e-6) - 1, instances))
+        return out
 
     def add_instances(self, feats: Tensor, instances: Tensor, rows: Tensor | None = None) -> Tensor:
         """``feats (B, D, g, g) + instance_embedding[row of each token's instance]``.
@@ -376,9 +388,13 @@ class PrismerModel(nn.Module):
         if self.resampler is not None:
             expert_tokens = []
             for slot, (m, inst) in zip(
-                self.experts, self.expert_maps(experts, x.shape[0]), strict=True
+                self.experts, self.expert_inputs(experts, x.shape[0]), strict=True
             ):
-                f = self.expert_stems[slot.stem](m.to(tokens.dtype))
+                stem = self.expert_stems[slot.stem]
+                if isinstance(m, tuple):
+                    f = stem.forward_labels(m[0], m[1].to(tokens.dtype))
+                else:
+                    f = stem(m.to(tokens.dtype))
                 if inst is not None:
                     f = self.add_instances(f, inst, instance_rows)
                 f = f.flatten(2).transpose(1, 2)

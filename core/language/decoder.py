@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from prismkit.core import weights
 from prismkit.core.config import LanguageConfig
-from prismkit.core.layers import Attention, LayerNorm32, activation
+from prismkit.core.layers import Attention, LayerNorm32, Linear, activation, linear
 
 
 @dataclass
@@ -37,13 +37,29 @@ class DecoderCache:
     real: Tensor
 
     def select(self, index: Tensor) -> DecoderCache:
-        """Reorder the batch (beam search)."""
+        """Reorder the batch (beam search). Cross-attention keys/values shared by groups of rows
+        (one image's beams, see :func:`prismkit.core.generation.decoder_step`) stay as they are
+        when every row stays in its group, which beam search guarantees; otherwise they are
+        gathered per row."""
         return DecoderCache(
             [(k[index], v[index]) for k, v in self.self_kv],
-            [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.cross_kv],
+            [None if kv is None else _select_shared(kv, index) for kv in self.cross_kv],
             self.key_mask[index],
             self.real[index],
         )
+
+
+def _select_shared(kv: tuple[Tensor, Tensor], index: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows ``index`` of keys/values ``(R, H, T, Dh)`` whose row r serves query rows ``r g ..
+    r g + g - 1`` (``g = len(index) / R``)."""
+    rows = kv[0].shape[0]
+    if rows == index.shape[0]:
+        return kv[0][index], kv[1][index]
+    group = index.shape[0] // rows
+    owner = index // group
+    if torch.equal(owner, torch.arange(index.shape[0], device=index.device) // group):
+        return kv
+    return kv[0][owner], kv[1][owner]
 
 
 class DecoderLayer(nn.Module):
@@ -66,8 +82,8 @@ class DecoderLayer(nn.Module):
             )
             self.cross_norm = LayerNorm32(c.width, eps=c.eps)
         self.adaptor = adaptor
-        self.fc1 = nn.Linear(c.width, c.intermediate)
-        self.fc2 = nn.Linear(c.intermediate, c.width)
+        self.fc1 = Linear(c.width, c.intermediate)
+        self.fc2 = Linear(c.intermediate, c.width)
         self.ffn_norm = LayerNorm32(c.width, eps=c.eps)
         self.act = activation("gelu")
         self.dropout = nn.Dropout(c.dropout)
@@ -96,14 +112,14 @@ class LMHead(nn.Module):
 
     def __init__(self, c: LanguageConfig, word_embeddings: nn.Embedding) -> None:
         super().__init__()
-        self.dense = nn.Linear(c.width, c.width)
+        self.dense = Linear(c.width, c.width)
         self.norm = LayerNorm32(c.width, eps=c.eps)
         self.bias = nn.Parameter(torch.zeros(c.vocab_size))
         self.word_embeddings = [word_embeddings]  # tied, not a submodule: no duplicate parameter
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.norm(F.gelu(self.dense(x)))
-        return F.linear(x, self.word_embeddings[0].weight, self.bias)
+        return linear(x, self.word_embeddings[0].weight, self.bias)
 
 
 class TextDecoder(nn.Module):
@@ -193,6 +209,8 @@ class TextDecoder(nn.Module):
             input_ids: ``(B, T)`` token ids (new tokens only when ``cache`` is given).
             vision: ``(B, Nv, Dv)`` vision tokens; None when ``cache`` holds them, or for text
                 alone (cross-attention skipped: BLIP's unimodal encoder, SimVLM's text-only data).
+                ``(B / g, Nv, Dv)`` serves each group of ``g`` consecutive rows (the beams of one
+                image): their keys/values are projected and kept once.
             attention_mask: ``(B, T)`` 1 for tokens, 0 for padding; with ``cache``, the new
                 tokens' mask or the mask over every position so far.
             prefix_len: ``(B,)`` tokens that attend bidirectionally (prefix LM); None = causal.
