@@ -995,12 +995,23 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
+def default_out(full: bool) -> str:
+    if not full:
+        return DEFAULT_OUT
+    return "bench/results-gpu.json" if torch.cuda.is_available() else "bench/results-cpu-full.json"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a fast, smaller run (tests, smoke)")
     parser.add_argument(
         "--full", action="store_true", help="also the paper's BASE shapes (random weights, minutes)"
     )
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"JSON results (default: {DEFAULT_OUT})")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help=f"JSON results (default: {DEFAULT_OUT}; with --full bench/results-cpu-full.json, "
+        "or bench/results-gpu.json on a GPU)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1043,7 +1054,7 @@ def run(args: argparse.Namespace) -> int:
     if args.full:
         from prismkit.bench.models import bench_base
 
-        base_shapes = timed("base_shapes", lambda: bench_base(host, print_table))
+        base_shapes = timed("base_shapes", lambda: bench_base(print_table))
     results = {
         "meta": {
             "quick": s.quick,
@@ -1071,7 +1082,7 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.full:
         results["base_shapes"] = base_shapes
-    out = Path(args.out)
+    out = Path(args.out or default_out(args.full))
     write_json(out, results)
     print(
         f"\nwrote {out} in {results['meta']['seconds']:.0f}s "

@@ -58,21 +58,42 @@ def test_bench_quick_writes_all_sections(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # written atomically, no temp file left
 
 
-def test_base_shapes_section_code_paths_on_a_tiny_model(host, tiny_dir):
-    """`bench --full` runs the BASE configs; its step and captioning code run here on a tiny one."""
+def test_base_shapes_cases_on_a_tiny_model(host, tiny_dir, capsys):
+    """`bench --full` runs each BASE case in a fresh process; the same case code runs here on a
+    tiny model with a dense and a semantic expert, then the tables and target checks."""
     import torch
     from helpers import tiny_config
 
-    from prismkit.bench.models import base_batch, captioning, matmul_limit, train_step
+    from prismkit.bench import models
+    from prismkit.bench.run import print_table
     from prismkit.core.model import create_model
 
     cfg = tiny_config(tiny_dir, experts=["edge", "fake_semantic"])
-    model = create_model(cfg, host)
     cpu = torch.device("cpu")
-    batch = base_batch(model, 2, cpu)
+    batch = models.base_batch(create_model(cfg, host), 2, cpu)
     assert batch["experts"]["fake_semantic"].table.shape[-1] == 64
-    peak = matmul_limit(cpu, torch.float32, n=256, repeats=2)
-    step = train_step(model, 2, cpu, peak, repeats=1)
-    assert step["flops_per_step"] > 0 and step["mfu"] > 0
-    cap = captioning(model, 2, cpu)
-    assert cap["cache"] > 0 and cap["no_cache"] > 0
+    train = models.train_case(host, cfg, 2, 1, cpu)
+    assert train["gflop_per_step"] > 0 and train["mfu"] > 0 and train["cost_gflop"] > 0
+    assert train["adamw_s"] > 0 and train["peak_rss_bytes"] > 0 and train["samples_per_s"] > 0
+    caption = models.caption_case(host, cfg, 1, cpu)
+    assert caption["new_tokens"] == models.MAX_LENGTH - 1  # EOS blocked: full-length captions
+    assert caption["encode_s"] > 0 and caption["decode_s"] > 0 and caption["cost_gflop"] > 0
+    assert caption["decode_step_bytes"] > 0 and caption["decode_step_vs_bound"] > 0
+    assert models.main(["loader", "--config", "tiny", "--images", "4", "--repeats", "1"]) == 0
+    loader = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert loader["samples_per_s"] > 0 and loader["experts"] == ["edge"]
+    train.update(config="prismer_base", batch=4)  # stand in for the BASE rows
+    results = {"device": "cpu", "train": [train], "caption": caption, "loader": loader}
+    models._summarise(results)
+    models._print(results, print_table)
+    out = capsys.readouterr().out
+    assert "BASE training step" in out and "x the bound" in out and "label store" in out
+    assert "speedup_vs_reference" in caption and "loader_vs_bound" in loader
+    assert "meets_target" in train and "peak_rss_vs_reference" in train
+
+
+def test_bench_case_runs_in_a_fresh_process():
+    from prismkit.bench.models import run_case
+
+    r = run_case(["loader", "--config", "tiny", "--images", "2", "--repeats", "1"])
+    assert r["case"] == "loader" and r["samples_per_s"] > 0
