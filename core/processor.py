@@ -231,19 +231,24 @@ class Processor:
             weights if any(w != 1.0 for w in weights) else None,
         )
 
+    def _pad(self, seqs: list[list[int]], left: bool = False) -> dict[str, Tensor]:
+        """Token rows -> ``input_ids`` / ``attention_mask`` padded to the longest row."""
+        n = max(map(len, seqs))
+        ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), n), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            cols = slice(n - len(s), n) if left else slice(0, len(s))
+            ids[i, cols] = torch.tensor(s, dtype=torch.long)
+            mask[i, cols] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
     def prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         """Caption generation prompts ``[BOS] prompt`` (the reference tokenises the prompt and
         drops its EOS), left-padded when they differ in length."""
         seqs = [[self.bos, *(self._ids(p.strip()) if p.strip() else [])] for p in prompts]
         for s, p in zip(seqs, prompts, strict=True):
             self._check_len(len(s), p)
-        n = max(map(len, seqs))
-        ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), n), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, n - len(s) :] = torch.tensor(s)
-            mask[i, n - len(s) :] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return self._pad(seqs, left=True)
 
     def questions(self, questions: Sequence[str]) -> dict[str, Tensor]:
         """VQA prompts as the reference builds them: ``[BOS] question`` (no EOS), right-padded."""
@@ -251,24 +256,11 @@ class Processor:
             [self.bos, *self._ids(self.question_text(q))][: self.config.text.question_tokens]
             for q in questions
         ]
-        n = max(map(len, seqs))
-        ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), n), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return self._pad(seqs)
 
     def answers(self, answers: Sequence[str]) -> dict[str, Tensor]:
         """Candidate answers ``" Answer" [EOS]``, right-padded ``(C, A)`` ids and mask."""
-        seqs = [[*self._ids(self.answer_text(a)), self.eos] for a in answers]
-        n = max(map(len, seqs))
-        ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), n), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return self._pad(self.candidates(answers))
 
     def candidates(self, candidates: Sequence[str]) -> list[list[int]]:
         """Answer candidates as token ids ending in EOS (with the leading space)."""
