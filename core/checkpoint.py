@@ -82,8 +82,12 @@ def load_checkpoint(
     path: str | Path, host: PluginHost | None = None, stage: str = "pretrain"
 ) -> PrismerModel:
     """Rebuild the model from the stored config, load its pretrained sources, then the checkpoint."""
+    from prismkit.core.preflight import require_weights
+
     meta = read_metadata(path)
     config = ModelConfig.from_dict(meta["config"], f"{path} (metadata)")
+    host = host or get_plugin_manager()
+    require_weights(config, host, experts=False)
     model = create_model(config, host, pretrained=True)
     model.freeze(stage)
     load_weights(model, path)

@@ -5,6 +5,7 @@ Readers are plugins (``register_datasets``); the built-in ones live in ``prismki
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,64 @@ VQA_PROMPT = "question: {} answer:"
 
 
 class DataError(ValueError):
-    """A dataset file or sample is wrong; the message names the file and field."""
+    """A dataset file or sample is wrong; the message names the file and field (and, for
+    several bad samples, lists each by file and index)."""
+
+
+class Problems:
+    """What is wrong with a dataset's entries, collected so that all are reported at once."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.items: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.items.append(message)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def check(self) -> None:
+        """Raise a ``DataError`` listing every problem (one per line), if there is any."""
+        if self.items:
+            lines = "\n".join(f"  {m}" for m in self.items)
+            raise DataError(
+                f"{len(self.items)} bad entr{'y' if len(self.items) == 1 else 'ies'} in {self.what}:\n{lines}"
+            )
+
+
+def entry(
+    item: Any,
+    key: str,
+    kind: type | tuple[type, ...],
+    where: str,
+    problems: Problems | None = None,
+    default: Any = ...,
+) -> Any:
+    """``item[key]``, checked: a missing key or a value of another type is a problem naming
+    ``where`` (file and index) and the key. Returns ``None`` after recording a problem (or raises
+    ``DataError`` when no ``problems`` collector is given); ``default`` makes the key optional."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = " or ".join(
+        "a number"
+        if k in (int, float)
+        else {str: "a string", list: "a list", dict: "an object"}.get(k, k.__name__)
+        for k in kinds
+    )
+    if not isinstance(item, dict):
+        message = f"{where}: expected an object with {key!r}, got {type(item).__name__} {str(item)[:40]!r}"
+    elif key not in item:
+        if default is not ...:
+            return default
+        message = f"{where}: missing key {key!r}"
+    elif not isinstance(item[key], kinds) or (isinstance(item[key], bool) and bool not in kinds):
+        message = f"{where}: {key!r} must be {names}, got {type(item[key]).__name__} {str(item[key])[:40]!r}"
+    else:
+        return item[key]
+    if problems is None:
+        raise DataError(message)
+    problems.add(message)
+    return None
 
 
 @dataclass
@@ -36,6 +94,8 @@ class Sample:
     target: str
     # VQA: every annotator answer (for the official accuracy); captioning: all references
     references: list[str] = field(default_factory=list)
+    # where the sample comes from, for error messages: "file entry[index]" or "file line N"
+    source: str = ""
 
 
 def label_key(sample: Sample) -> str:
@@ -87,9 +147,12 @@ def _subset(samples: list[Sample], fraction: float, seed: int) -> list[Sample]:
     return [samples[i] for i in sorted(order)]
 
 
-def _check_image(path: Path, source: Path, where: str) -> str:
+def _check_image(path: Path, source: Path, where: str, problems: Problems | None = None) -> str:
     if not path.is_file():
-        raise DataError(f"{source}: {where} names image {path}, which does not exist")
+        message = f"{source}: {where} names image {path}, which does not exist"
+        if problems is None:
+            raise DataError(message)
+        problems.add(message)
     return str(path)
 
 
@@ -115,7 +178,40 @@ class Mixture(VLDataset):
 
 def build_dataset(registry, spec: str, split: str, **options: Any) -> VLDataset:
     """One registered reader, or several joined with ``+`` (a :class:`Mixture`); options go to
-    every reader."""
+    every reader. An option a reader does not take, or a required one missing, is a
+    ``DataError`` naming the reader and its options."""
     names = [n.strip() for n in spec.split("+")]
-    parts = [registry.get(n)(split=split, **options) for n in names]
+    parts = []
+    for n in names:
+        cls = registry.get(n)
+        _check_options(cls, n, options)
+        parts.append(cls(split=split, **options))
     return parts[0] if len(parts) == 1 else Mixture(parts)
+
+
+def _check_options(cls: type, name: str, options: dict[str, Any]) -> None:
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [p for p in params if p not in ("split", "self")]
+    unknown = sorted(set(options) - set(params))
+    missing = [
+        p.name
+        for p in params.values()
+        if p.default is inspect.Parameter.empty
+        and p.kind is inspect.Parameter.KEYWORD_ONLY
+        and p.name not in options
+    ]
+    if unknown or missing:
+        what = "; ".join(
+            x
+            for x in (
+                f"unknown option(s) {unknown}" if unknown else "",
+                f"missing option(s) {missing}" if missing else "",
+            )
+            if x
+        )
+        raise DataError(
+            f"dataset {name!r}: {what}; it takes {accepted}: set them with "
+            f"--set 'data.options={{{', '.join(f'{m}=...' for m in (missing or accepted[:2]))}}}'"
+        )

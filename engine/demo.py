@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
                     eval=EvalConfig(beams=3, max_length=10, min_length=1),
                 )
                 print(f"\n=== {label} ({config}), {fraction:.0%} of the training data, seed {seed}")
-                result = train(model_cfg, run, host)
+                result = train(model_cfg, run, host, overwrite=True)  # the report is rebuilt
                 runs.append(
                     {
                         "variant": label,

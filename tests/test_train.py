@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import tiny_cli_sets, tiny_config
 from safetensors.torch import load_file
 
 from prismkit.engine.batching import batch_indices
@@ -106,12 +106,7 @@ def test_two_cpu_processes_stay_in_sync(tiny_dir, tmp_path):
         "prismkit.core.cli",
         "train",
         "tiny",
-        "--set",
-        f'vision.pretrained="{tiny_dir / "clip"}"',
-        "--set",
-        f'language.pretrained="{tiny_dir / "bert"}"',
-        "--set",
-        'vision.act="quick_gelu"',
+        *tiny_cli_sets(tiny_dir),
         "--set",
         "data.fraction=0.05",
         "--steps",
