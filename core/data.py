@@ -48,8 +48,25 @@ class Problems:
             )
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def as_object(item: Any, where: str, problems: Problems | None = None) -> dict | None:
+    """``item`` if it is a JSON object; otherwise a problem naming ``where`` (or a
+    ``DataError`` without a collector) and ``None``."""
+    if isinstance(item, dict):
+        return item
+    message = f"{where}: expected an object, got {type(item).__name__} {_shown(item)}"
+    if problems is None:
+        raise DataError(message)
+    problems.add(message)
+    return None
+
+
 def entry(
-    item: Any,
+    item: dict,
     key: str,
     kind: type | tuple[type, ...],
     where: str,
@@ -61,19 +78,16 @@ def entry(
     ``DataError`` when no ``problems`` collector is given); ``default`` makes the key optional."""
     kinds = kind if isinstance(kind, tuple) else (kind,)
     names = " or ".join(
-        "a number"
-        if k in (int, float)
-        else {str: "a string", list: "a list", dict: "an object"}.get(k, k.__name__)
+        {int: "a number", float: "a number", str: "a string", list: "a list"}.get(k, k.__name__)
         for k in kinds
     )
-    if not isinstance(item, dict):
-        message = f"{where}: expected an object with {key!r}, got {type(item).__name__} {str(item)[:40]!r}"
-    elif key not in item:
+    if key not in item:
         if default is not ...:
             return default
         message = f"{where}: missing key {key!r}"
     elif not isinstance(item[key], kinds) or (isinstance(item[key], bool) and bool not in kinds):
-        message = f"{where}: {key!r} must be {names}, got {type(item[key]).__name__} {str(item[key])[:40]!r}"
+        value = item[key]
+        message = f"{where}: {key!r} must be {names}, got {type(value).__name__} {_shown(value)}"
     else:
         return item[key]
     if problems is None:
@@ -147,9 +161,10 @@ def _subset(samples: list[Sample], fraction: float, seed: int) -> list[Sample]:
     return [samples[i] for i in sorted(order)]
 
 
-def _check_image(path: Path, source: Path, where: str, problems: Problems | None = None) -> str:
+def _check_image(path: Path, where: str, problems: Problems | None = None) -> str:
+    """``str(path)``; a missing file is a problem naming ``where`` (file and index) and the path."""
     if not path.is_file():
-        message = f"{source}: {where} names image {path}, which does not exist"
+        message = f"{where}: names image {path}, which does not exist"
         if problems is None:
             raise DataError(message)
         problems.add(message)

@@ -23,6 +23,7 @@ from prismkit.core.data import (
     _check_image,
     _read_json,
     _subset,
+    as_object,
     entry,
 )
 from prismkit.core.processor import load_image
@@ -68,6 +69,8 @@ class CocoCaptions(VLDataset):
             anns = entry(data, "annotations", list, f"{path}", bad) or []
             for n, ann in enumerate(anns):
                 where = f"{path} annotations[{n}]"
+                if as_object(ann, where, bad) is None:
+                    continue
                 id_ = entry(ann, "image_id", (int, str), where, bad)
                 text = entry(ann, "caption", str, where, bad)
                 if id_ is None or text is None:
@@ -79,6 +82,8 @@ class CocoCaptions(VLDataset):
         elif isinstance(data, list):
             for n, item in enumerate(data):
                 where = f"{path} [{n}]"
+                if as_object(item, where, bad) is None:
+                    continue
                 file = entry(item, "image", str, where, bad)
                 c = entry(item, "caption", (str, list), where, bad)
                 if file is None or c is None:
@@ -93,7 +98,7 @@ class CocoCaptions(VLDataset):
             raise DataError(f"{path}: expected a COCO dict with 'annotations' or a list of items")
         samples = []
         for file, texts in caps.items():
-            img = _check_image(root / file, path, texts[0][1], bad)
+            img = _check_image(root / file, texts[0][1], bad)
             clean = [t.strip() for t, _ in texts]
             for (_, where), t in zip(texts, clean, strict=True):
                 if not t:
@@ -134,18 +139,21 @@ class VQAv2(VLDataset):
         seed: int = 0,
     ) -> None:
         qpath, apath, root = Path(questions), Path(annotations), Path(image_root)
-        qs = entry(_read_json(qpath), "questions", list, str(qpath))
-        anns = entry(_read_json(apath), "annotations", list, str(apath))
+        qs = entry(as_object(_read_json(qpath), str(qpath)), "questions", list, str(qpath))  # type: ignore[arg-type]
+        anns = entry(as_object(_read_json(apath), str(apath)), "annotations", list, str(apath))  # type: ignore[arg-type]
         bad = Problems(f"{qpath} and {apath}")
         by_qid: dict[Any, dict] = {}
         for n, a in enumerate(anns):
             where = f"{apath} annotations[{n}]"
+            if as_object(a, where, bad) is None:
+                continue
             qid = entry(a, "question_id", (int, str), where, bad)
             target = entry(a, "multiple_choice_answer", str, where, bad)
             answers = entry(a, "answers", list, where, bad, default=[])
             ok = qid is not None and target is not None and answers is not None
             for k, x in enumerate(answers or []):
-                if entry(x, "answer", str, f"{where}.answers[{k}]", bad) is None:
+                w = f"{where}.answers[{k}]"
+                if as_object(x, w, bad) is None or entry(x, "answer", str, w, bad) is None:
                     ok = False
             if ok:
                 by_qid[qid] = a
@@ -165,6 +173,8 @@ class VQAv2(VLDataset):
         samples = []
         for n, q in enumerate(qs):
             where = f"{qpath} questions[{n}]"
+            if as_object(q, where, bad) is None:
+                continue
             qid = entry(q, "question_id", (int, str), where, bad)
             image_id = entry(q, "image_id", int, where, bad)
             question = entry(q, "question", str, where, bad)
@@ -176,7 +186,7 @@ class VQAv2(VLDataset):
                     bad.add(f"{where}: no annotation in {apath} for question_id {qid!r}")
                 continue
             img = _check_image(
-                root / image_pattern.format(subtype=subtype, image_id=image_id), qpath, where, bad
+                root / image_pattern.format(subtype=subtype, image_id=image_id), where, bad
             )
             target = ann["multiple_choice_answer"]
             if split == "train" and target not in known:
@@ -223,6 +233,8 @@ class ImageFolderCaptions(VLDataset):
                 except json.JSONDecodeError as e:
                     bad.add(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
                     continue
+                if as_object(item, where, bad) is None:
+                    continue
                 file = entry(item, "image", str, where, bad)
                 cap = entry(item, "caption", str, where, bad)
                 if file is not None and cap is not None:
@@ -240,9 +252,7 @@ class ImageFolderCaptions(VLDataset):
             else:
                 refs.setdefault(file, []).append(cap.strip())
         samples = [
-            Sample(
-                _check_image(root_p / f, cap_p, where, bad), f, prompt, c.strip(), refs[f], where
-            )
+            Sample(_check_image(root_p / f, where, bad), f, prompt, c.strip(), refs[f], where)
             for f, c, where in pairs
             if c.strip()
         ]
@@ -306,7 +316,7 @@ def _wds_decode(shard: str, key: str, parts: dict[str, bytes]) -> tuple[str, Ten
             meta = json.loads(parts["json"])
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{where}: .json is not valid JSON ({e})") from None
-        caption = entry(meta, "caption", str, f"{where}.json")
+        caption = entry(as_object(meta, f"{where}.json"), "caption", str, f"{where}.json")  # type: ignore[arg-type]
     else:
         raise DataError(f"{where} has no .txt or .json caption")
     if not caption.strip():
