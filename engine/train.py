@@ -378,6 +378,18 @@ def train(
     acc = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision, cpu=not cuda
     )
+    if (
+        os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        and acc.distributed_type.value != "FSDP"
+    ):
+        # accelerate 1.15 turns FSDP on only for accelerator devices (GPU, NPU, XPU, ...): on
+        # CPU processes (gloo) it silently runs DDP; say so rather than pretend to shard
+        acc.print(
+            f"warning: FSDP was asked for (ACCELERATE_USE_FSDP) but accelerate runs "
+            f"{acc.distributed_type.value} here: FSDP needs GPUs (or other accelerators); "
+            f"training with full replicas",
+            file=sys.stderr,
+        )
     # the main process names and checks the run folder; every process gets its answer
     decision: list[Any] = [None, None]
     if acc.is_main_process:
@@ -537,6 +549,7 @@ def train(
         "first_loss": log[0]["loss"] if log else None,
         "final_loss": log[-1]["loss"] if log else None,
         "processes": acc.num_processes,
+        "distributed": acc.distributed_type.value,
         **counts,
     }
     if interrupted:

@@ -123,6 +123,7 @@ def test_two_cpu_processes_stay_in_sync(tiny_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "result.json").read_text())
     assert result["processes"] == 2 and result["ranks_in_sync"] is True
+    assert result["distributed"] == "MULTI_CPU"
 
 
 def _losses(folder: Path) -> list[float]:
@@ -187,3 +188,13 @@ def test_gradient_checkpointing_inside_the_loop(host, tiny_dir, tmp_path, monkey
     b = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp_on_cpu_is_named_not_silently_dropped(host, tiny_dir, tmp_path, monkeypatch, capsys):
+    """accelerate 1.15 enables FSDP only on accelerator devices; on CPU (gloo, also with 2
+    processes: tried, it runs MULTI_CPU DDP) ACCELERATE_USE_FSDP is ignored. The run says so."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    result = train(tiny_config(tiny_dir), _run(tmp_path / "r", steps=1), host)
+    assert result["distributed"] == "NO"
+    err = capsys.readouterr().err
+    assert "warning: FSDP was asked for (ACCELERATE_USE_FSDP) but accelerate runs NO here" in err
