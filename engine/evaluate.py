@@ -6,12 +6,12 @@ import sys
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from prismkit.core.data import VLDataset, label_key
 from prismkit.core.generation import BeamConfig, beam_search, score_candidates
 from prismkit.core.model import PrismerModel
 from prismkit.core.processor import ImageLike, Processor
+from prismkit.core.progress import Progress
 
 
 class Predictor:
@@ -137,7 +137,7 @@ def evaluate(
     images = ImageCache(data, model.config.vision.image_size)
     n = 0
     total = len(data) if limit is None else min(limit, len(data))
-    bar = tqdm(total=total, desc=f"eval {data.name}", unit="sample", disable=None, leave=False)
+    bar = Progress(total, f"eval {data.name}", unit="sample")
     if data.task == "vqa":
         closed, opened, refs = [], [], []
         for idx in iter_batches(data, batch_size, limit):

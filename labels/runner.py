@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from prismkit.core.expert import Expert, LabelMap
 from prismkit.core.io import remove_stale_temporaries
+from prismkit.core.progress import Progress
 from prismkit.labels.store import LabelStore, roundtrip
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
@@ -218,13 +218,12 @@ class _Runner:
 
         buckets: dict[tuple[int, ...], list[_Item]] = {}
         t_last = time.monotonic()
-        bar = tqdm(
-            total=len(paths),
-            desc=f"labels {self.position}" if self.position else "labels",
+        bar = Progress(
+            len(paths),
+            f"labels {self.position}" if self.position else "labels",
             unit="image",
             position=self.position,
-            disable=None,  # off when stderr is not a terminal: the log lines below instead
-            leave=self.position == 0,
+            every_s=float("inf"),  # off a terminal: the log lines below instead
         )
         for n, path in enumerate(paths, start=1):
             self.report.images += 1
@@ -250,7 +249,7 @@ class _Runner:
             bucket.append(_Item(path, sha, image, todo=set(todo)))
             if len(bucket) == self.batch_size:
                 self.process(buckets.pop(tuple(image.shape)))
-            if bar.disable and time.monotonic() - t_last > 10:
+            if not bar.on_terminal and time.monotonic() - t_last > 10:
                 t_last = time.monotonic()
                 self.log(f"{n}/{len(paths)} images, {self.report.computed} label files written")
         for bucket in buckets.values():

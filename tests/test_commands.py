@@ -226,3 +226,16 @@ def test_progress_bars_on_a_terminal(host, tiny_dir, tmp_path, monkeypatch, caps
     train(tiny_config(tiny_dir), run, host)
     cap = capsys.readouterr()
     assert "%|" not in cap.err and "step     0" in cap.out
+
+
+def test_progress_off_a_terminal_is_a_line_every_so_often(capsys):
+    """In a pipe or CI log a long evaluation is not silent: a plain line every ``every_s``."""
+    from prismkit.core.progress import Progress
+
+    p = Progress(3, "eval easyvqa", unit="sample", every_s=0)
+    assert not p.on_terminal
+    for _ in range(3):
+        p.update(1)
+    p.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"eval easyvqa: {i}/3 samples" for i in (1, 2, 3)]  # fmt: skip
