@@ -362,8 +362,8 @@ def train(
     empty unless ``resume`` (continue from its ``last/`` state) or ``overwrite`` (replace its
     outputs). Every sample is checked before step 0 (``data.validate``); each step is appended
     to ``log.jsonl`` as it happens; a resumable state is saved every ``save_every`` steps and on
-    Ctrl-C / SIGTERM (the summary then has ``"interrupted": true``). ``stop_after`` ends the
-    run after that many steps (as if killed) for resume tests.
+    Ctrl-C / SIGTERM (the summary then has ``"interrupted": "SIGINT"`` or ``"SIGTERM"``).
+    ``stop_after`` ends the run after that many steps (as if killed) for resume tests.
     """
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
