@@ -41,6 +41,10 @@ def create_model(
     config = resolve_config(host, name if isinstance(name, ModelConfig) else str(name))
     if overrides:
         config = ModelConfig.from_dict(_merge(config.to_dict(), overrides), f"{name} + overrides")
+    if pretrained:
+        from prismkit.core.preflight import require_weights
+
+        require_weights(config, host, experts=False)
     return _build(config, host, pretrained=pretrained)
 
 

@@ -88,12 +88,15 @@ def load_checkpoint(
     ``vision.image_size=480`` to fine-tune at another resolution: the positional embedding is
     interpolated), load its pretrained sources, then the checkpoint."""
     from prismkit.core.config import apply_override
+    from prismkit.core.preflight import require_weights
 
     meta = read_metadata(path)
     data = meta["config"]
     for item in overrides or []:
         apply_override(data, item, "--set")
     config = ModelConfig.from_dict(data, f"{path} (metadata)")
+    host = host or get_plugin_manager()
+    require_weights(config, host, experts=False)
     model = create_model(config, host, pretrained=True)
     model.freeze(stage)
     load_weights(model, path)

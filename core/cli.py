@@ -267,9 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser(host).parse_args(argv)
         args.host = host
         return args.func(args)
-    except (ConfigError, PluginError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (ConfigError, PluginError, OSError, ValueError) as e:
+        # bad input (configs, flags, files, datasets): one line naming it, never a traceback
         print(f"prismkit: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("prismkit: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

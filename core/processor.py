@@ -48,6 +48,11 @@ def load_image(source: ImageLike) -> Tensor:
             with Image.open(source) as im:
                 im.load()
                 source = ImageOps.exif_transpose(im)
+        except Image.DecompressionBombError as e:
+            raise ValueError(
+                f"image {source}: too large to decode safely ({e}): downscale it, or raise "
+                f"PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
+            ) from None
         except (OSError, SyntaxError) as e:
             raise ValueError(f"image {source}: cannot be read ({e})") from None
     if isinstance(source, Image.Image):
@@ -89,6 +94,13 @@ class Processor:
         self.pad = tokenizer.pad_token_id
         if None in (self.bos, self.eos, self.pad):
             raise ValueError("tokenizer needs BOS/CLS, EOS/SEP and PAD tokens")
+        if len(tokenizer) > config.language.vocab_size:
+            raise ValueError(
+                f"config {config.name!r}: the tokenizer ({getattr(tokenizer, 'name_or_path', '?')}) "
+                f"has {len(tokenizer)} tokens but language.vocab_size is "
+                f"{config.language.vocab_size}: use the language model's own tokenizer "
+                f"(language.tokenizer) or a vocab_size of at least {len(tokenizer)}"
+            )
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> Processor:
