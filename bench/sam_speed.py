@@ -10,7 +10,7 @@ trained model keeps some of its masks, so its time lies between the two. The tag
 is not included::
 
     python -m prismkit.bench.sam_speed                       # vit_b, one 512x512 photo
-    python -m prismkit.bench.sam_speed --gallery sam.png     # + the gallery, tiny random SAM
+    python -m prismkit.bench.sam_speed --gallery sam.png --skip-speed   # the gallery only
 """
 
 from __future__ import annotations
@@ -43,14 +43,17 @@ def save_random_sam(arch: SamArch, path: Path, seed: int = 0) -> Path:
     return path
 
 
-def astronaut(size: int) -> Tensor:
-    """skimage's astronaut photo resized to ``size x size``: ``(1, 3, size, size)`` in [0, 1]."""
+PHOTOS = ("astronaut", "coffee", "chelsea")  # skimage.data photos
+
+
+def photo(name: str, size: int) -> Tensor:
+    """A skimage photo resized to ``size x size``: ``(1, 3, size, size)`` in [0, 1]."""
     from skimage import data
 
     from prismkit.core.processor import load_image
     from prismkit.labels.runner import resize_square
 
-    return resize_square(load_image(data.astronaut()), size)[None]
+    return resize_square(load_image(getattr(data, name)()), size)[None]
 
 
 def time_expert(
@@ -90,7 +93,7 @@ def measure(
     filters: str = "both",
 ) -> dict[str, Any]:
     """``seg_sam`` at ``model_type`` size with random weights on one ``size``-px photo."""
-    images = astronaut(size)
+    images = photo("astronaut", size)
     tags = CAMTags().predict(images, {})
     result: dict[str, Any] = {
         "model_type": model_type,
@@ -117,17 +120,20 @@ def measure(
     return result
 
 
-def gallery(out: Path, size: int) -> None:
-    """The astronaut beside ``seg_sam`` (tiny random SAM, filters off) and its CAM tagger, drawn
-    by ``prismkit experts show``'s renderer."""
+def gallery(out: Path, size: int, colors: int | None = None) -> None:
+    """skimage's astronaut, coffee and chelsea beside ``seg_sam`` (tiny random SAM, filters off)
+    and its CAM tagger, drawn by ``prismkit experts show``'s renderer; ``colors``: rewrite the
+    PNG with a palette of that many colours (a smaller file)."""
     from PIL import Image
 
     from prismkit.labels.gallery import render_gallery
 
     with tempfile.TemporaryDirectory() as tmp:
-        image = Path(tmp) / "astronaut.png"
-        pixels = (astronaut(size)[0].permute(1, 2, 0) * 255).round().byte().numpy()
-        Image.fromarray(pixels).save(image)
+        images = []
+        for name in PHOTOS:
+            images.append(Path(tmp) / f"{name}.png")
+            pixels = (photo(name, size)[0].permute(1, 2, 0) * 255).round().byte().numpy()
+            Image.fromarray(pixels).save(images[-1])
         weights = save_random_sam(TINY_SAM_ARCH, Path(tmp) / "tiny_sam.pth")
         experts = {
             "seg_sam": SamSegmentation(
@@ -135,7 +141,13 @@ def gallery(out: Path, size: int) -> None:
             ),
             "obj_tags_cam": CAMTags(),
         }
-        render_gallery([image], experts, out)
+        render_gallery(images, experts, out)
+    if colors is not None:
+        rgb = Image.open(out).convert("RGB")
+        small = rgb.quantize(colors, Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        tmp_png = out.with_name(f".{out.name}.tmp.png")
+        small.save(tmp_png, optimize=True)
+        os.replace(tmp_png, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
     p.add_argument("--gallery", type=Path, default=None, help="write the gallery PNG here")
+    p.add_argument("--gallery-colors", type=int, default=None, help="palette PNG of N colours")
     p.add_argument("--skip-speed", action="store_true", help="only the gallery")
     args = p.parse_args(argv)
     if args.threads is not None:
@@ -169,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sam_speed: error: {path} exists; pass another path", file=sys.stderr)
             return 2
     if args.gallery is not None:
-        gallery(args.gallery, 256)
+        gallery(args.gallery, 256, args.gallery_colors)
         print(f"wrote {args.gallery}")
     if args.skip_speed:
         return 0

@@ -211,6 +211,8 @@ def load_sam(path: Path, arch: SamArch, label: str) -> nn.Module:
             f"{path} does not fit SAM model type {label}: {mismatch}; pass the model_type the "
             f"checkpoint was made for ({', '.join(SAM_ARCHS)})"
         )
+    # fp32 like the official files (a half-precision copy would run slowly or not at all on CPU)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     sam.load_state_dict(state, strict=True, assign=True)
     # non-persistent buffers are not in the file: build_sam makes pixel_mean/std on the CPU
     left = [n for n, t in [*sam.named_parameters(), *sam.named_buffers()] if t.is_meta]
