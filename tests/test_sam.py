@@ -388,3 +388,24 @@ def test_experts_show_renders_seg_sam(
     assert "adding expert 'obj_tags_cam'" in printed.err
     px = np.asarray(Image.open(out).convert("RGB"))
     assert px.shape == (int(CELL_INCHES * 100), int(CELL_INCHES * 100) * 3, 3)
+
+
+# ---------------------------------------------------------------- benchmark script
+
+
+def test_speed_script_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """``bench/sam_speed.py`` end to end with the tiny architecture standing in for vit_b."""
+    import json
+
+    from prismkit.bench import sam_speed
+
+    monkeypatch.setitem(SAM_ARCHS, "vit_b", TINY_SAM)
+    out = tmp_path / "speed.json"
+    argv = ["--size", "64", "--repeats", "1", "--warmup", "0", "--points-per-side", "2"]
+    assert sam_speed.main([*argv, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for case in ("reference filters", "filters off"):
+        assert result[case]["s_per_image"] > 0 and result[case]["encoder_s"] > 0
+    assert result["model_type"] == "vit_b" and result["points_per_side"] == 2
+    assert sam_speed.main([*argv, "--out", str(out)]) == 2  # never overwrites
+    assert "exists" in capsys.readouterr().err
