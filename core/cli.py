@@ -79,11 +79,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def describe(config: ModelConfig, host: PluginHost) -> str:
     """Architecture summary and exact parameter counts, built on the meta device (no weights)."""
-    from prismkit.core.model import PrismerModel
-
     with torch.device("meta"):
-        model = PrismerModel.from_config(config, host)
-    lines = [f"{config.name}: {'PrismerZ (RGB only)' if config.is_prismerz else 'Prismer'}"]
+        model = host.architectures.get(config.architecture).from_config(config, host)
+    lines = [f"{config.name}: {model.describe_title()}"]
     vc, lc = config.vision, config.language
     lines.append(
         f"  vision   {vc.backbone} {vc.width}w x {vc.layers}L x {vc.heads}h, stem {vc.stem}, {vc.image_size}px / {vc.patch_size} -> {(vc.image_size // vc.patch_size) ** 2} tokens ({vc.pretrained or 'random init'})"
@@ -91,21 +89,15 @@ def describe(config: ModelConfig, host: PluginHost) -> str:
     lines.append(
         f"  language {lc.backbone} {lc.width}w x {lc.layers}L x {lc.heads}h, vocab {lc.vocab_size} ({lc.pretrained or 'random init'})"
     )
-    if model.experts:
+    if config.experts:
         n_tok = (vc.image_size // vc.patch_size) ** 2
+        slots = [host.expert(e) for e in config.experts]
         lines.append(
-            f"  experts  {', '.join(f'{e.name}({e.kind},{e.channels}ch)' for e in model.experts)}: "
-            f"{n_tok * len(model.experts)} expert tokens -> resampler {config.resampler.name} -> {config.resampler.latents}"
+            f"  experts  {', '.join(f'{e.name}({e.kind},{e.channels}ch)' for e in slots)}: "
+            f"{n_tok * len(slots)} expert tokens -> resampler {config.resampler.name} -> {config.resampler.latents}"
         )
-    rows = [
-        ("vision backbone", model.vision),
-        ("language backbone", model.language),
-        ("expert stems", model.expert_stems),
-        ("resampler", model.resampler),
-        ("vision->language proj", model.vision_proj),
-    ]
     lines.append(f"  {'part':<24}{'trainable':>14}{'frozen':>14}")
-    for label, mod in rows:
+    for label, mod in model.describe_parts():
         if mod is None:
             continue
         t = sum(p.numel() for p in mod.parameters() if p.requires_grad)

@@ -5,6 +5,7 @@ Readers are plugins (``register_datasets``); the built-in ones live in ``prismki
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,14 @@ class Sample:
     target: str
     # VQA: every annotator answer (for the official accuracy); captioning: all references
     references: list[str] = field(default_factory=list)
+
+
+def image_index(image_id: str) -> int:
+    """A stable int64 id of an image id string (blake2b; the same in every process and run):
+    the ``image_idx`` an objective compares to find captions of the same image (BLIP's
+    retrieval positives: COCO has five captions per image)."""
+    digest = hashlib.blake2b(image_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def label_key(sample: Sample) -> str:

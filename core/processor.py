@@ -52,6 +52,13 @@ def load_image(source: ImageLike) -> Tensor:
     raise TypeError(f"cannot read an image from {type(source).__name__}")
 
 
+def drop_empty(texts: Sequence[str]) -> tuple[list[int], int]:
+    """Indices of the texts that hold more than whitespace, and how many were dropped: data
+    captions that are empty are skipped (and counted in a run's report), never fatal."""
+    kept = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+    return kept, len(texts) - len(kept)
+
+
 class Processor:
     """Tokenizer + image resizing for one model config."""
 
@@ -77,7 +84,15 @@ class Processor:
             raise ValueError(
                 "language.tokenizer (or language.pretrained) must name a tokenizer folder or hub id"
             )
-        return cls(AutoTokenizer.from_pretrained(weights.resolve(source)), config)
+        tokenizer = AutoTokenizer.from_pretrained(weights.resolve(source))
+        if config.language.special_tokens:
+            tokenizer.add_special_tokens(dict(config.language.special_tokens))
+        if len(tokenizer) > config.language.vocab_size:
+            raise ValueError(
+                f"tokenizer {source} has {len(tokenizer)} tokens but language.vocab_size is "
+                f"{config.language.vocab_size}: raise vocab_size or fix language.special_tokens"
+            )
+        return cls(tokenizer, config)
 
     def images(self, images: Sequence[ImageLike]) -> Tensor:
         """``(B, 3, S, S)`` float32 in [0, 1], resized (bicubic, antialiased) to the model's size."""
@@ -96,25 +111,48 @@ class Processor:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _check_len(self, n: int, text: str) -> None:
-        limit = self.config.max_text_len
+    def _check_len(self, n: int, text: str, limit: int | None = None) -> None:
+        limit = self.config.max_text_len if limit is None else limit
         if n > limit:
             raise ValueError(
                 f"text {text[:60]!r} is {n} tokens with BOS/EOS; the model takes at most {limit}: shorten it or raise max_text_len"
             )
 
-    def encode(self, prompts: Sequence[str], targets: Sequence[str]) -> dict[str, Tensor]:
+    def encode(
+        self,
+        prompts: Sequence[str],
+        targets: Sequence[str],
+        truncate: bool = False,
+        max_len: int | None = None,
+    ) -> dict[str, Tensor]:
         """Training batch: ``[BOS] prompt target [EOS]`` right-padded; labels -100 on BOS,
-        prompt and padding so only the target is learned."""
+        prompt and padding so only the target is learned.
+
+        ``max_len`` (default ``config.max_text_len``) bounds each sequence, BOS and EOS
+        included. Text a user typed is refused when longer (``truncate=False``, the default);
+        captions that are data (web captions, corpus sentences, dataset targets) pass
+        ``truncate=True`` and are cut as a BERT tokenizer's ``truncation=True`` cuts them (BLIP:
+        30 tokens in pre-training, 35 in retrieval): the tail of ``prompt target`` goes, EOS stays.
+        Empty targets are refused either way: drop them first (:func:`drop_empty`).
+        """
         if len(prompts) != len(targets):
             raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+        limit = self.config.max_text_len if max_len is None else max_len
+        if limit < 3:
+            raise ValueError(f"max_len must leave room for BOS, one token and EOS; got {limit}")
         seqs, labs = [], []
-        for p, t in zip(prompts, targets, strict=True):
+        for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
             if not t.strip():
-                raise ValueError(f"empty target text for prompt {p!r}")
+                raise ValueError(
+                    f"target {i} is empty (prompt {p!r}): drop empty captions first (prismkit.core.processor.drop_empty)"
+                )
             pi, ti = self._ids(p) if p else [], self._ids(t)
+            if truncate and len(pi) + len(ti) + 2 > limit:
+                kept = (pi + ti)[: limit - 2]
+                pi, ti = kept[: len(pi)], kept[len(pi) :]
             seq = [self.bos, *pi, *ti, self.eos]
-            self._check_len(len(seq), p + " " + t)
+            if len(seq) > limit:
+                self._check_len(len(seq), p + " " + t, limit)
             seqs.append(seq)
             labs.append([IGNORE] * (1 + len(pi)) + [*ti, self.eos])
         n = max(map(len, seqs))

@@ -58,8 +58,25 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from prismkit.core.generation import BeamConfig
 
     pred, _ = _predictor(args)
-    cfg = BeamConfig(beams=args.beams, max_length=args.max_length, min_length=args.min_length)
-    for path, cap in zip(args.images, pred.caption(args.images, args.prompt, cfg), strict=True):
+    own = getattr(pred.model, "caption", None)
+    if own is not None:  # an architecture with its own generation (BLIP): its defaults apply
+        pixels = pred.processor.images(args.images)
+        caps = own(
+            pixels,
+            pred.processor,
+            args.prompt,
+            num_beams=args.beams,
+            max_length=args.max_length,
+            min_length=args.min_length,
+        )
+    else:
+        cfg = BeamConfig(
+            beams=args.beams or 3, max_length=args.max_length or 20, min_length=args.min_length or 8
+        )
+        caps = pred.caption(
+            args.images, "a picture of" if args.prompt is None else args.prompt, cfg
+        )
+    for path, cap in zip(args.images, caps, strict=True):
         print(f"{path}\t{cap}")
     return 0
 
@@ -131,10 +148,10 @@ def _checkpoint_command(c: argparse.ArgumentParser) -> None:
 def _configure_caption(c: argparse.ArgumentParser) -> None:
     _checkpoint_command(c)
     c.add_argument("images", nargs="+")
-    c.add_argument("--prompt", default="a picture of")
-    c.add_argument("--beams", type=int, default=3)
-    c.add_argument("--max-length", type=int, default=20)
-    c.add_argument("--min-length", type=int, default=8)
+    c.add_argument("--prompt", help="default: the model's (\"a picture of\"; BLIP: its config's)")
+    c.add_argument("--beams", type=int, help="default 3")
+    c.add_argument("--max-length", type=int, help="default 20 (BLIP: 20 tokens with the prompt)")
+    c.add_argument("--min-length", type=int, help="default 8 (BLIP: 5 tokens with the prompt)")
     c.set_defaults(func=cmd_caption)
 
 

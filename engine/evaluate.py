@@ -43,6 +43,10 @@ class Predictor:
         self, images, prompt: str = "", cfg: BeamConfig | None = None, ids: list[str] | None = None
     ) -> list[str]:
         self.model.eval()
+        own = getattr(self.model, "caption", None)
+        if own is not None:  # an architecture with its own generation (BLIP): its prompt, lengths
+            pixels = images if isinstance(images, torch.Tensor) else self.processor.images(images)
+            return own(pixels, self.processor, None, num_beams=(cfg or BeamConfig()).beams)
         vision = self._encode(images, ids)
         p = self.processor.prompts([prompt] * vision.shape[0])
         p = {k: v.to(vision.device) for k, v in p.items()}

@@ -21,11 +21,11 @@ import torch
 
 from prismkit.core.checkpoint import load_weights, save_checkpoint
 from prismkit.core.config import ConfigError, ModelConfig, _build
-from prismkit.core.data import build_dataset, label_key
+from prismkit.core.data import build_dataset, image_index, label_key
 from prismkit.core.host import PluginHost, get_plugin_manager
 from prismkit.core.io import atomic_write
 from prismkit.core.model import PrismerModel, create_model
-from prismkit.core.processor import Processor
+from prismkit.core.processor import Processor, drop_empty
 from prismkit.engine.batching import ImageCache, batch_indices
 from prismkit.labels.feeder import ExpertFeeder
 
@@ -65,6 +65,9 @@ class TrainConfig:
     clip: float = 1.0
     # "pretrain" (both backbones frozen) or "finetune" (language model unfrozen)
     stage: str = "pretrain"
+    # a checkpoint of the same model whose weights (and training state) start the run
+    # (fine-tuning from a pre-trained model); "" = the config's pretrained sources
+    init: str = ""
     # "auto" (bf16 autocast on GPU, fp32 on CPU), "fp32" or "bf16"
     precision: str = "auto"
     # recompute activations in the backward pass to save memory
@@ -225,6 +228,8 @@ def train(
     t0 = time.time()
     model = create_model(model_cfg, host)
     model.freeze(cfg.stage)
+    if cfg.init:
+        load_weights(model, cfg.init)
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)
     processor = Processor.from_config(model_cfg)
     data = build_dataset(
@@ -235,6 +240,10 @@ def train(
         seed=cfg.seed,
         **dcfg.options,
     )
+    # empty captions are data noise: skipped (and counted), never fatal
+    valid, dropped_empty = drop_empty([s.target for s in data.samples])
+    if not valid:
+        raise ValueError(f"dataset {dcfg.dataset!r}: every target text is empty")
     feeder = ExpertFeeder(model, host, dcfg.labels)
     images = ImageCache(data, model_cfg.vision.image_size)
     opt = configure_optimizer(model, cfg)
@@ -248,7 +257,8 @@ def train(
     counts = raw.parameter_counts()
     acc.print(
         f"model {model_cfg.name}: {counts['trainable']:,} trainable / {counts['frozen']:,} frozen parameters; "
-        f"{len(data)} training samples ({dcfg.dataset}); {acc.num_processes} process(es); built in {time.time() - t0:.1f}s"
+        f"{len(valid)} training samples ({dcfg.dataset}; {dropped_empty} empty targets dropped); "
+        f"{acc.num_processes} process(es); built in {time.time() - t0:.1f}s"
     )
     writer = _tensorboard(out_dir) if acc.is_main_process else None
     t_train = time.time()
@@ -258,16 +268,22 @@ def train(
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         total = 0.0
+        raw.begin_step(step)  # schedules (momentum, ramps, warm-ups) count optimizer steps
         for micro in range(cfg.grad_accum):
-            idx = batch_indices(step, micro, acc.process_index, acc.num_processes, cfg, len(data))
+            pos = batch_indices(step, micro, acc.process_index, acc.num_processes, cfg, len(valid))
+            idx = [valid[i] for i in pos]
             samples = [data[i] for i in idx]
             pixels = torch.stack([images(i) for i in idx]).to(acc.device)
+            # dataset captions are data: cut to the model's max_text_len, never refused
             batch = {
                 k: v.to(acc.device)
                 for k, v in processor.encode(
-                    [s.prompt for s in samples], [s.target for s in samples]
+                    [s.prompt for s in samples], [s.target for s in samples], truncate=True
                 ).items()
             }
+            batch["image_idx"] = torch.tensor(
+                [image_index(s.image_id) for s in samples], device=acc.device
+            )
             with torch.no_grad():
                 experts = feeder(pixels, [label_key(s) for s in samples])
             with acc.accumulate(model), acc.autocast():
@@ -277,6 +293,7 @@ def train(
                     batch["attention_mask"],
                     batch["labels"],
                     experts=experts,
+                    image_idx=batch["image_idx"],
                 ).loss
                 acc.backward(loss)
                 if acc.sync_gradients:
@@ -315,6 +332,7 @@ def train(
         "first_loss": log[0]["loss"] if log else None,
         "final_loss": log[-1]["loss"] if log else None,
         "processes": acc.num_processes,
+        "dropped_empty_targets": dropped_empty,
         **counts,
     }
     if acc.num_processes > 1:  # DDP keeps replicas equal: check it, do not assume it
