@@ -98,10 +98,7 @@ class BlipModel(nn.Module):
         if text_encoder is not None:
             self.vision_proj = nn.Linear(w, o.embed_dim)
             self.text_proj = nn.Linear(h, o.embed_dim)
-            self.itm_head = nn.Linear(h, 2)
-            for lin in (self.vision_proj, self.text_proj, self.itm_head):
-                nn.init.normal_(lin.weight, std=0.02)
-                nn.init.zeros_(lin.bias)
+            self.itm_head = nn.Linear(h, 2)  # plain nn.Linear init, as BLIP's
             self.temp = nn.Parameter(torch.tensor(o.temp))
             # momentum encoders: copies, never trained, EMA of the online weights
             self.vision_m = copy.deepcopy(vision)

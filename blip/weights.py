@@ -59,7 +59,9 @@ def load_bert(text: MedText, state: dict[str, Tensor]) -> list[str]:
     """Copy a BERT state into a MED text model as ``BertModel.from_pretrained`` +
     ``resize_token_embeddings`` do in BLIP: the vocabulary rows BERT has are copied (BLIP's two
     added tokens keep their N(0, 0.02) init), token types and pooler are dropped, and the
-    cross-attention (not in BERT) keeps its init. Returns the MED keys left at init."""
+    cross-attention (not in BERT) keeps its init. A deeper BERT gives its first
+    ``language.layers`` layers (a truncated init: the offline config's small MED from MiniLM).
+    Returns the MED keys left at init."""
     own = text.state_dict()
     loaded = set()
     for key, value in state.items():
@@ -67,6 +69,8 @@ def load_bert(text: MedText, state: dict[str, Tensor]) -> list[str]:
             continue
         new = bert_key(key)
         if new is None:
+            continue
+        if new.startswith("layers.") and int(new.split(".")[1]) >= len(text.layers):
             continue
         if new not in own:
             raise ConversionError(f"BERT key {key} -> {new} is not in the text model")

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser(host).parse_args(argv)
         args.host = host
         return args.func(args)
-    except (ConfigError, PluginError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, PluginError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"prismkit: error: {e}", file=sys.stderr)
         return 2
 
