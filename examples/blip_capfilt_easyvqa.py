@@ -26,7 +26,9 @@ def _pairs(split: str, n: int, offset: int, rng: random.Random) -> list[dict]:
     out = []
     for s in samples:
         thing = s.target[2:]  # "a red circle" -> "red circle"
-        out.append({"image": s.image, "caption": rng.choice(TEMPLATES).format(thing), "thing": thing})
+        out.append(
+            {"image": s.image, "caption": rng.choice(TEMPLATES).format(thing), "thing": thing}
+        )
     return out
 
 
@@ -36,12 +38,14 @@ def prepare(out: Path) -> None:
     human = _pairs("train", 300, 0, rng)
     web = _pairs("train", 900, 300, rng)
     things = sorted({p["thing"] for p in web})
-    junk = "lorem ipsum sale free shipping click here best price".split()
+    junk = ["lorem", "ipsum", "sale", "free", "shipping", "click", "here", "best", "price"]
     for p in web:
         r = rng.random()
         p["true"] = True
         if r < 0.40:
-            p["caption"] = rng.choice(TEMPLATES).format(rng.choice([t for t in things if t != p["thing"]]))
+            p["caption"] = rng.choice(TEMPLATES).format(
+                rng.choice([t for t in things if t != p["thing"]])
+            )
             p["true"] = False
         elif r < 0.45:
             p["caption"] = rng.choice(["", "   ", ".", "!!"])
@@ -57,24 +61,35 @@ def prepare(out: Path) -> None:
     write("web.jsonl", web)
     write("noisy.jsonl", human + web)
     write("test.jsonl", test)
-    print(f"human {len(human)}, web {len(web)} ({sum(not p['true'] for p in web)} wrong or empty), test {len(test)}")
+    print(
+        f"human {len(human)}, web {len(web)} ({sum(not p['true'] for p in web)} wrong or empty), test {len(test)}"
+    )
 
 
 def summary(out: Path) -> None:
     web = [json.loads(x) for x in (out / "web.jsonl").read_text().splitlines()]
     truth = {p["image"]: p["thing"] for p in web}
-    kept = [json.loads(x) for x in (out / "capfilt" / "bootstrapped.jsonl").read_text().splitlines()]
+    kept = [
+        json.loads(x) for x in (out / "capfilt" / "bootstrapped.jsonl").read_text().splitlines()
+    ]
     rows = {"web": [], "synthetic": []}
     for k in kept:
         if k["source"] in rows:
             rows[k["source"]].append(truth[k["image"]] in k["caption"])
     report = json.loads((out / "capfilt" / "capfilt.json").read_text())
-    print("CapFilt:", {k: report[k] for k in report if k.endswith(("kept", "dropped", "empty")) or k == "human"})
+    print(
+        "CapFilt:",
+        {k: report[k] for k in report if k.endswith(("kept", "dropped", "empty")) or k == "human"},
+    )
     for src, ok in rows.items():
         if ok:
-            print(f"  kept {src} captions naming the right colour and shape: {sum(ok)}/{len(ok)} ({100 * sum(ok) / len(ok):.1f}%)")
+            print(
+                f"  kept {src} captions naming the right colour and shape: {sum(ok)}/{len(ok)} ({100 * sum(ok) / len(ok):.1f}%)"
+            )
     web_true = sum(p["true"] for p in web)
-    print(f"  web captions that are true before filtering: {web_true}/{len(web)} ({100 * web_true / len(web):.1f}%)")
+    print(
+        f"  web captions that are true before filtering: {web_true}/{len(web)} ({100 * web_true / len(web):.1f}%)"
+    )
     for name in ("noisy", "bootstrapped"):
         path = out / f"retrieval_{name}.json"
         if path.exists():
