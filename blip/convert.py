@@ -464,7 +464,9 @@ def rehead(model, task: str) -> tuple[ModelConfig, dict[str, Tensor]]:
     config.head = task
     config.name = f"{model.config.name}_{task}"
     config.max_text_len = TEXT_LENGTH[task]
-    config.vision.pretrained = config.language.pretrained = None  # weights: the checkpoint
+    # the weights come from the checkpoint; the tokenizer stays where it was read from
+    config.language.tokenizer = config.language.tokenizer or config.language.pretrained
+    config.vision.pretrained = config.language.pretrained = None
     return config, {k: v.clone() for k, v in state.items()}
 
 

@@ -144,7 +144,7 @@ class Processor:
         for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
             if not t.strip():
                 raise ValueError(
-                    f"target {i} is empty (prompt {p!r}): drop empty captions first (prismkit.core.processor.drop_empty)"
+                    f"empty target text (sample {i}, prompt {p!r}): drop empty captions first (prismkit.core.processor.drop_empty)"
                 )
             pi, ti = self._ids(p) if p else [], self._ids(t)
             if truncate and len(pi) + len(ti) + 2 > limit:

