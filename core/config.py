@@ -93,6 +93,9 @@ class LanguageConfig:
     output_layer: bool = True
     # freeze the pretrained weights (pre-training); False fine-tunes the whole language model
     frozen: bool = True
+    # special tokens added to the tokenizer (``tokenizer.add_special_tokens``), e.g. BLIP's
+    # ``{ bos_token = "[DEC]", additional_special_tokens = ["[ENC]"] }``; ids follow the vocabulary
+    special_tokens: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -138,6 +141,8 @@ class TextConfig:
 class ModelConfig:
     # display name
     name: str = "prismer"
+    # registered architecture (``register_architectures``) that builds the model
+    architecture: str = "prismer"
     vision: VisionConfig = field(default_factory=VisionConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     # enabled experts by registered name; empty = PrismerZ (RGB only)

@@ -5,6 +5,7 @@ Readers are plugins (``register_datasets``); the built-in ones live in ``prismki
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 from dataclasses import dataclass, field
@@ -115,6 +116,14 @@ class Sample:
     task: str = "caption"
     # weight of the sample's loss (Prismer weights VQA answers; Visual Genome's get 0.2)
     weight: float = 1.0
+
+
+def image_index(image_id: str) -> int:
+    """A stable int64 id of an image id string (blake2b; the same in every process and run):
+    the ``image_idx`` an objective compares to find captions of the same image (BLIP's
+    retrieval positives: COCO has five captions per image)."""
+    digest = hashlib.blake2b(image_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def label_key(sample: Sample) -> str:

@@ -116,9 +116,24 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from prismkit.core.generation import BeamConfig
 
     pred, _ = _predictor(args)
-    cfg = BeamConfig(beams=args.beams, max_length=args.max_length, min_length=args.min_length)
     good, pixels, errors = _read_images(pred, args.images)
-    caps = pred.caption(torch.stack(pixels), args.prompt, cfg, ids=good) if good else []
+    own = getattr(pred.model, "caption", None)
+    if not good:
+        caps = []
+    elif own is not None:  # an architecture with its own generation (BLIP): its defaults apply
+        caps = own(
+            torch.stack(pixels),
+            pred.processor,
+            args.prompt,
+            num_beams=args.beams,
+            max_length=args.max_length,
+            min_length=args.min_length,
+        )
+    else:
+        cfg = BeamConfig(
+            beams=args.beams or 3, max_length=args.max_length or 20, min_length=args.min_length or 8
+        )
+        caps = pred.caption(torch.stack(pixels), args.prompt, cfg, ids=good)
     captions = dict(zip(good, caps, strict=True))
     for e in errors:
         print(f"prismkit: error: {e}", file=sys.stderr)
@@ -219,14 +234,18 @@ def _configure_caption(c: argparse.ArgumentParser) -> None:
     _checkpoint_command(c)
     c.add_argument("images", nargs="+")
     c.add_argument(
-        "--prompt", default=None, help="caption prompt (default: the config's text.caption_prompt)"
+        "--prompt", help="caption prompt (default: the config's; Prismer: text.caption_prompt)"
     )
-    c.add_argument("--beams", type=int, default=3)
+    c.add_argument("--beams", type=int, help="default 3")
     c.add_argument(
-        "--max-length", type=int, default=20, help="longest caption, prompt included (tokens)"
+        "--max-length",
+        type=int,
+        help="longest caption, prompt included (tokens; default 20, as Prismer and BLIP)",
     )
     c.add_argument(
-        "--min-length", type=int, default=8, help="shortest caption, prompt included (tokens)"
+        "--min-length",
+        type=int,
+        help="shortest caption, prompt included (tokens; default 8, BLIP 5)",
     )
     c.set_defaults(func=cmd_caption)
 

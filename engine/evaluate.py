@@ -51,6 +51,10 @@ class Predictor:
         """Beam-search captions after ``prompt`` (default: the config's ``text.caption_prompt``;
         "" for zero-shot models), transformers' semantics (``max_length`` counts the prompt)."""
         self.model.eval()
+        own = getattr(self.model, "caption", None)
+        if own is not None:  # an architecture with its own generation (BLIP): its prompt, lengths
+            pixels = images if isinstance(images, torch.Tensor) else self.processor.images(images)
+            return own(pixels, self.processor, None, num_beams=(cfg or BeamConfig()).beams)
         prompt = self.processor.config.text.caption_prompt if prompt is None else prompt
         vision = self._encode(images, ids)
         p = self.processor.prompts([prompt] * vision.shape[0])

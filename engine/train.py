@@ -25,12 +25,12 @@ from tqdm.auto import tqdm
 
 from prismkit.core.checkpoint import load_weights, save_checkpoint
 from prismkit.core.config import ConfigError, ModelConfig, _build
-from prismkit.core.data import build_dataset, label_key
+from prismkit.core.data import build_dataset, image_index, label_key
 from prismkit.core.host import PluginHost, get_plugin_manager
 from prismkit.core.io import atomic_write
 from prismkit.core.model import PrismerModel, create_model
 from prismkit.core.preflight import require_weights
-from prismkit.core.processor import Processor
+from prismkit.core.processor import Processor, drop_empty
 from prismkit.engine.augment import AugmentConfig, augment_batch
 from prismkit.engine.batching import ImageCache, batch_indices
 from prismkit.engine.validate import validate_dataset
@@ -455,6 +455,10 @@ def train(
     model = create_model(model_cfg, host)
     model.freeze(cfg.stage)
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)
+    # empty captions are data noise: skipped (and counted), never fatal
+    valid, dropped_empty = drop_empty([s.target for s in data.samples])
+    if not valid:
+        raise ValueError(f"dataset {dcfg.dataset!r}: every target text is empty")
     feeder = ExpertFeeder(model, host, dcfg.labels)
     if cfg.init_from and not resume:
         load_weights(model, cfg.init_from)
@@ -471,6 +475,7 @@ def train(
             images=dcfg.validate,
             store=feeder.store,
             experts=[type(feeder.experts[s.name]) for s in feeder.slots],
+            skip_empty=True,
         )
         acc.print(f"checked {len(data)} samples in {time.time() - t_check:.1f}s")
     aug = dcfg.augment
@@ -486,8 +491,8 @@ def train(
     counts = raw.parameter_counts()
     acc.print(
         f"model {model_cfg.name}: {counts['trainable']:,} trainable / {counts['frozen']:,} frozen parameters; "
-        f"{len(data)} training samples ({dcfg.dataset}); {acc.num_processes} process(es); "
-        f"run folder {out_dir}; built in {time.time() - t0:.1f}s"
+        f"{len(valid)} training samples ({dcfg.dataset}; {dropped_empty} empty targets dropped); "
+        f"{acc.num_processes} process(es); run folder {out_dir}; built in {time.time() - t0:.1f}s"
     )
     writer = _tensorboard(out_dir) if acc.is_main_process else None
     log_file = _open_log(out_dir / "log.jsonl", log) if acc.is_main_process else None
@@ -514,13 +519,21 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg, steps_per_epoch)
             total = 0.0
+            raw.begin_step(step)  # schedules (momentum, ramps, warm-ups) count optimizer steps
             for micro in range(cfg.grad_accum):
-                idx = batch_indices(
-                    step, micro, acc.process_index, acc.num_processes, cfg, len(data)
+                pos = batch_indices(
+                    step, micro, acc.process_index, acc.num_processes, cfg, len(valid)
                 )
+                idx = [valid[i] for i in pos]
                 samples = [data[i] for i in idx]
                 pixels = torch.stack([images(i) for i in idx]).to(acc.device)
-                batch = {k: v.to(acc.device) for k, v in processor.batch(samples).items()}
+                # dataset captions are data: cut to the model's limits, never refused
+                batch = {
+                    k: v.to(acc.device) for k, v in processor.batch(samples, truncate=True).items()
+                }
+                batch["image_idx"] = torch.tensor(
+                    [image_index(s.image_id) for s in samples], device=acc.device
+                )
                 with torch.no_grad():
                     experts = feeder(pixels, [label_key(s) for s in samples])
                     if aug.enabled:
@@ -581,6 +594,7 @@ def train(
         "final_loss": log[-1]["loss"] if log else None,
         "processes": acc.num_processes,
         "distributed": acc.distributed_type.value,
+        "dropped_empty_targets": dropped_empty,
         **counts,
     }
     if interrupted:

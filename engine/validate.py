@@ -85,6 +85,7 @@ def validate_dataset(
     images: str = "header",
     store=None,
     experts: Sequence[type] = (),
+    skip_empty: bool = False,
 ) -> None:
     """Raise ``DataError`` listing every bad sample of ``data`` (by source file and index).
 
@@ -92,6 +93,8 @@ def validate_dataset(
         images: ``"header"``, ``"full"`` or ``"off"`` (see the module docstring).
         store: a ``LabelStore`` whose labels training reads; each sample's image must have the
             labels of every expert class in ``experts`` there.
+        skip_empty: samples with an empty target are not checked (the training loop drops
+            and counts them: empty captions are web-data noise); otherwise each is an error.
     """
     if images not in MODES:
         raise ValueError(f"data.validate must be one of {MODES}, got {images!r}")
@@ -109,6 +112,8 @@ def validate_dataset(
     for i, (s, n) in enumerate(zip(samples, lengths, strict=True)):
         where = f"sample {i} ({s.source})" if s.source else f"sample {i} (image {s.image_id})"
         if not s.target.strip():
+            if skip_empty:
+                continue
             bad.add(f"{where}: empty target text")
         if n > limit:
             bad.add(
