@@ -40,6 +40,7 @@ from prismkit.core.config import ModelConfig, resolve_config
 from prismkit.core.expert import Expert, LabelMap
 from prismkit.core.generation import BeamConfig, beam_search
 from prismkit.core.host import PluginHost, get_plugin_manager
+from prismkit.core.io import atomic_write
 from prismkit.core.model import PrismerModel, create_model
 from prismkit.core.processor import Processor, load_image
 from prismkit.engine.train import TrainConfig, configure_optimizer
@@ -983,16 +984,7 @@ def bench_loading(
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same folder, then os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def default_out(full: bool) -> str:

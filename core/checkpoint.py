@@ -1,4 +1,5 @@
-"""Checkpoints: safetensors of the trainable weights, with the resolved config and plugin versions."""
+"""Checkpoints: safetensors of what the architecture's ``checkpoint_state()`` holds (trainable
+weights and training state), with the resolved config and plugin versions."""
 
 from __future__ import annotations
 
@@ -9,41 +10,23 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from prismkit.core.config import ModelConfig
 from prismkit.core.host import PluginHost, get_plugin_manager
 from prismkit.core.io import atomic_write
-from prismkit.core.model import PrismerModel, create_model
+from prismkit.core.model import create_model
 
 FORMAT = "prismkit-checkpoint-1"
 
 
-def checkpoint_state(model: PrismerModel) -> dict[str, torch.Tensor]:
-    """Weights a checkpoint must hold: the trainable ones, plus frozen ones that no pretrained
-    source can restore (a backbone with ``pretrained = None``), plus BatchNorm statistics."""
-    vc, lc = model.config.vision, model.config.language
-    unsourced = []
-    if not vc.pretrained:
-        unsourced.append("vision.")
-    if not lc.pretrained:
-        unsourced.append("language.")
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    stem_buffers = {f"expert_stems.{n}" for n, _ in model.expert_stems.named_buffers()}
-    state = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        # a stem that loads its own pretrained trunk needs no copy in the checkpoint
-        cnn_trunk = name.startswith("vision.stem.") and not model.vision.stem.weights_in_backbone
-        if (
-            id(t) in trainable
-            or name in stem_buffers
-            or (name.startswith(tuple(unsourced)) and not cnn_trunk)
-        ):
-            state[name] = t.detach().contiguous().cpu()
-    return state
+def checkpoint_state(model) -> dict[str, torch.Tensor]:
+    """What a checkpoint of ``model`` holds: its architecture's ``checkpoint_state()``."""
+    return model.checkpoint_state()
 
 
 def save_checkpoint(
-    model: PrismerModel,
+    model: nn.Module,
     path: str | Path,
     host: PluginHost | None = None,
     extra: dict[str, Any] | None = None,
@@ -83,33 +66,36 @@ def load_checkpoint(
     host: PluginHost | None = None,
     stage: str = "pretrain",
     overrides: list[str] | None = None,
-) -> PrismerModel:
+):
     """Rebuild the model from the stored config (with ``a.b=value`` overrides, e.g.
     ``vision.image_size=480`` to fine-tune at another resolution: the positional embedding is
     interpolated), load its pretrained sources, then the checkpoint."""
     from prismkit.core.config import apply_override
+    from prismkit.core.preflight import require_weights
 
     meta = read_metadata(path)
     data = meta["config"]
     for item in overrides or []:
         apply_override(data, item, "--set")
     config = ModelConfig.from_dict(data, f"{path} (metadata)")
+    host = host or get_plugin_manager()
+    require_weights(config, host, experts=False)
     model = create_model(config, host, pretrained=True)
     model.freeze(stage)
     load_weights(model, path)
     return model
 
 
-def load_weights(model: PrismerModel, path: str | Path) -> None:
+def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a checkpoint's tensors into ``model``; every stored key must fit (names and shapes),
-    and every trainable weight of the model must be in the checkpoint."""
+    and everything the model's ``checkpoint_state()`` holds (trainable weights, training state)
+    must be in the checkpoint."""
     from safetensors.torch import load_file
 
     state = load_file(str(path))
     own = model.state_dict()
     unexpected = sorted(set(state) - set(own))
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    missing = sorted(trainable - set(state))
+    missing = sorted(set(model.checkpoint_state()) - set(state))
     if unexpected or missing:
         raise ValueError(
             f"checkpoint {path} does not fit this model: unexpected {unexpected[:5]}, missing {missing[:5]}"

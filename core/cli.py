@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from prismkit.core import weights
 from prismkit.core.config import ConfigError, ModelConfig, load_config, resolve_config
@@ -82,11 +83,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def describe(config: ModelConfig, host: PluginHost) -> str:
     """Architecture summary and exact parameter counts, built on the meta device (no weights)."""
-    from prismkit.core.model import PrismerModel
-
     with torch.device("meta"):
-        model = PrismerModel.from_config(config, host)
-    lines = [f"{config.name}: {'PrismerZ (RGB only)' if config.is_prismerz else 'Prismer'}"]
+        model = host.architectures.get(config.architecture).from_config(config, host)
+    lines = [f"{config.name}: {model.describe_title()}"]
     vc, lc = config.vision, config.language
     lines.append(
         f"  vision   {vc.backbone} {vc.width}w x {vc.layers}L x {vc.heads}h, stem {vc.stem}, {vc.image_size}px / {vc.patch_size} -> {(vc.image_size // vc.patch_size) ** 2} tokens ({vc.pretrained or 'random init'})"
@@ -94,26 +93,24 @@ def describe(config: ModelConfig, host: PluginHost) -> str:
     lines.append(
         f"  language {lc.backbone} {lc.width}w x {lc.layers}L x {lc.heads}h, vocab {lc.vocab_size} ({lc.pretrained or 'random init'})"
     )
-    if model.experts:
-        n_tok = (model.expert_size // vc.patch_size) ** 2
+    if config.experts:
+        size = getattr(model, "expert_size", vc.image_size)
+        n_tok = (size // vc.patch_size) ** 2
+        slots = [host.expert(e) for e in config.experts]
         lines.append(
-            f"  experts  {', '.join(f'{e.name}({e.kind},{e.channels}ch)' for e in model.experts)} at "
-            f"{model.expert_size}px: {n_tok * len(model.experts)} expert tokens -> resampler "
+            f"  experts  {', '.join(f'{e.name}({e.kind},{e.channels}ch)' for e in slots)} at "
+            f"{size}px: {n_tok * len(slots)} expert tokens -> resampler "
             f"{config.resampler.name} -> {config.resampler.latents}"
         )
-    rows = [
-        ("vision backbone", list(model.vision.parameters())),
-        ("language backbone", list(model.language.parameters())),
-        ("expert stems", list(model.expert_stems.parameters())),
-        (
-            "instance embeddings",
-            [model.instance_embedding] if model.instance_embedding is not None else [],
-        ),
-        ("resampler", list(model.resampler.parameters()) if model.resampler is not None else []),
-        ("head", list(model.objective.parameters())),
-    ]
     lines.append(f"  {'part':<24}{'trainable':>14}{'frozen':>14}")
-    for label, params in rows:
+    for label, part in model.describe_parts():
+        params = (
+            []
+            if part is None
+            else [part]
+            if isinstance(part, nn.Parameter)
+            else list(part.parameters())
+        )
         if not params:
             continue
         t = sum(p.numel() for p in params if p.requires_grad)
@@ -267,9 +264,13 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser(host).parse_args(argv)
         args.host = host
         return args.func(args)
-    except (ConfigError, PluginError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (ConfigError, PluginError, OSError, ValueError) as e:
+        # bad input (configs, flags, files, datasets): one line naming it, never a traceback
         print(f"prismkit: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("prismkit: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

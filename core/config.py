@@ -93,6 +93,9 @@ class LanguageConfig:
     output_layer: bool = True
     # freeze the pretrained weights (pre-training); False fine-tunes the whole language model
     frozen: bool = True
+    # special tokens added to the tokenizer (``tokenizer.add_special_tokens``), e.g. BLIP's
+    # ``{ bos_token = "[DEC]", additional_special_tokens = ["[ENC]"] }``; ids follow the vocabulary
+    special_tokens: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -138,6 +141,8 @@ class TextConfig:
 class ModelConfig:
     # display name
     name: str = "prismer"
+    # registered architecture (``register_architectures``) that builds the model
+    architecture: str = "prismer"
     vision: VisionConfig = field(default_factory=VisionConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     # enabled experts by registered name; empty = PrismerZ (RGB only)
@@ -171,7 +176,46 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> ModelConfig:
-        return _build(cls, data, source, "")
+        config = _build(cls, data, source, "")
+        check_model_config(config, source)
+        return config
+
+
+def check_model_config(config: ModelConfig, source: str = "<config>") -> None:
+    """Sizes that must be positive and widths that heads must divide; ``ConfigError`` naming the
+    field and the fix otherwise (instead of a ZeroDivisionError deep in a layer)."""
+    positive = {
+        "vision.image_size": config.vision.image_size,
+        "vision.patch_size": config.vision.patch_size,
+        "vision.width": config.vision.width,
+        "vision.heads": config.vision.heads,
+        "language.vocab_size": config.language.vocab_size,
+        "language.width": config.language.width,
+        "language.heads": config.language.heads,
+        "language.intermediate": config.language.intermediate,
+        "language.max_positions": config.language.max_positions,
+        "resampler.latents": config.resampler.latents,
+        "resampler.heads": config.resampler.heads,
+        "instance_embeddings": config.instance_embeddings,
+        "max_text_len": config.max_text_len,
+    }
+    for where, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{source}: field {where} must be at least 1, got {value}")
+    for where, value in {
+        "vision.layers": config.vision.layers,
+        "language.layers": config.language.layers,
+        "resampler.layers": config.resampler.layers,
+    }.items():
+        if value < 0:
+            raise ConfigError(f"{source}: field {where} must be 0 or more, got {value}")
+    for part in ("vision", "language"):
+        c = getattr(config, part)
+        if c.width % c.heads:
+            raise ConfigError(
+                f"{source}: field {part}.heads ({c.heads}) must divide {part}.width "
+                f"({c.width}): pick a divisor of {c.width}"
+            )
 
 
 def _build(cls: type, data: Any, source: str, prefix: str) -> Any:

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from prismkit.core.config import ModelConfig, dump_toml
 from prismkit.core.host import PluginHost, get_plugin_manager
+from prismkit.core.language.decoder import HF_LAYER
 
 # reference stem domain -> the prismkit expert it comes from ("seg" is shared by seg_* experts)
 REFERENCE_EXPERTS = {
@@ -56,16 +57,6 @@ _RESAMPLER_BLOCK = {
     "ln_2": "norm_tokens",
     "ln_ff": "norm_mlp",
 }
-_ROBERTA_LAYER = {
-    "attention.self.query": "self_attn.q_proj",
-    "attention.self.key": "self_attn.k_proj",
-    "attention.self.value": "self_attn.v_proj",
-    "attention.output.dense": "self_attn.out_proj",
-    "attention.output.LayerNorm": "attn_norm",
-    "intermediate.dense": "fc1",
-    "output.dense": "fc2",
-    "output.LayerNorm": "ffn_norm",
-}
 _CROSS = {
     "self.query": "cross_attn.q_proj",
     "self.key": "cross_attn.k_proj",
@@ -100,6 +91,27 @@ def _split_packed(prefix: str, leaf: str, value: Tensor, out: dict[str, Tensor])
         out[f"{prefix}.{name}.{kind}"] = part
 
 
+def _block(
+    prefix: str,
+    packed: str,
+    attn: str,
+    table: dict[str, str],
+    module: str,
+    leaf: str,
+    value: Tensor,
+    out: dict[str, Tensor],
+) -> bool:
+    """One tensor of a block with a packed ``nn.MultiheadAttention`` (``packed``); False when the
+    module is not part of the block."""
+    if module == packed and leaf in ("in_proj_weight", "in_proj_bias"):
+        _split_packed(f"{prefix}.{attn}", leaf, value, out)
+    elif module in table:
+        out[f"{prefix}.{table[module]}.{leaf}"] = value
+    else:
+        return False
+    return True
+
+
 def prismer_key_map(
     state_dict: dict[str, Tensor], stems: dict[str, str] | None = None
 ) -> dict[str, Tensor]:
@@ -132,22 +144,14 @@ def prismer_key_map(
                     continue
                 out[f"expert_stems.{stems.get(domain, domain)}.{_STEM_INDEX[idx]}.{leaf}"] = value
             elif m := re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(\w+)", k):
-                i, module, leaf = m[1], m[2], m[3]
-                if module == "0.attn" and leaf in ("in_proj_weight", "in_proj_bias"):
-                    _split_packed(f"vision.layers.{i}.self_attn", leaf, value, out)
-                elif module in _VIT_BLOCK:
-                    out[f"vision.layers.{i}.{_VIT_BLOCK[module]}.{leaf}"] = value
-                else:
+                target = f"vision.layers.{m[1]}"
+                if not _block(target, "0.attn", "self_attn", _VIT_BLOCK, m[2], m[3], value, out):
                     unknown.append(key)
             elif k == "resampler.latents":
                 out["resampler.latents"] = value
             elif m := re.fullmatch(r"resampler\.perceiver_blocks\.(\d+)\.(.+)\.(\w+)", k):
-                j, module, leaf = m[1], m[2], m[3]
-                if module == "attn" and leaf in ("in_proj_weight", "in_proj_bias"):
-                    _split_packed(f"resampler.layers.{j}.attn", leaf, value, out)
-                elif module in _RESAMPLER_BLOCK:
-                    out[f"resampler.layers.{j}.{_RESAMPLER_BLOCK[module]}.{leaf}"] = value
-                else:
+                target = f"resampler.layers.{m[1]}"
+                if not _block(target, "attn", "attn", _RESAMPLER_BLOCK, m[2], m[3], value, out):
                     unknown.append(key)
             elif m := re.fullmatch(r"(ln_pre|ln_post)\.(\w+)", k):
                 name = "pre_layrnorm" if m[1] == "ln_pre" else "post_layernorm"
@@ -167,14 +171,14 @@ def prismer_key_map(
             r"text_decoder\.roberta\.encoder\.layer\.(\d+)\.(\d)\.(.+)\.(\w+)", k
         ):
             i, part, module, leaf = m[1], m[2], m[3], m[4]
-            table = {"0": _ROBERTA_LAYER, "1": _CROSS, "2": _LM_ADAPTOR}[part]
+            table = {"0": HF_LAYER, "1": _CROSS, "2": _LM_ADAPTOR}[part]
             if module in table:
                 out[f"language.layers.{i}.{table[module]}.{leaf}"] = value
             else:
                 unknown.append(key)
         elif m := re.fullmatch(r"text_decoder\.roberta\.encoder\.output_layer\.(.+)\.(\w+)", k):
-            if m[1] in _ROBERTA_LAYER:
-                out[f"language.output_layer.{_ROBERTA_LAYER[m[1]]}.{m[2]}"] = value
+            if m[1] in HF_LAYER:
+                out[f"language.output_layer.{HF_LAYER[m[1]]}.{m[2]}"] = value
             else:
                 unknown.append(key)
         elif k.startswith("text_decoder.lm_head."):

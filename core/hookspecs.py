@@ -34,6 +34,14 @@ def register_experts(register: Callable[[type], None]) -> None:
 
 
 @hookspec
+def register_architectures(register: Callable[[type], None]) -> None:
+    """Register model architectures: ``register(PrismerModel)``. An architecture is an
+    ``nn.Module`` class with a ``name`` and ``from_config(config, host)``, and the methods of
+    ``prismkit.core.architecture.Architecture`` (the engine, checkpoints and ``describe`` use
+    nothing else); ``ModelConfig.architecture`` picks one by name."""
+
+
+@hookspec
 def register_image_stems(register: Callable[[type], None]) -> None:
     """Register image stems (``prismkit.core.vision.ImageStem`` subclasses) that turn an RGB batch
     ``(B, 3, H, W)`` into a feature grid ``(B, D, H/s, W/s)``: ``register(PatchStem)``."""

@@ -57,13 +57,16 @@ class PrismerOutput:
 
 class PrismerModel(nn.Module):
     """``forward(images (B, 3, S, S) in [0, 1], input_ids (B, T), ...)``; built by
-    ``from_config`` (no I/O); weights arrive through ``load_pretrained``.
+    ``from_config`` (no I/O); weights arrive through ``load_pretrained``. The architecture
+    ``prismer`` (``prismkit.core.architecture.Architecture``).
 
     Vision: the RGB patch tokens (no class token) and, with experts, the Experts Resampler's
     latents over every expert's tokens (its stem's grid + the shared positional embedding, + an
     instance embedding per instance for instance experts) -> ``ln_pre`` -> frozen CLIP blocks with
     adaptors -> ``ln_post``. Language: a RoBERTa/BERT decoder cross-attending to those tokens.
     """
+
+    name = "prismer"
 
     def __init__(
         self,
@@ -255,6 +258,52 @@ class PrismerModel(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.vision.gradient_checkpointing = enabled
         self.language.gradient_checkpointing = enabled
+
+    # -- architecture contract ----------------------------------------------------------------
+    def describe_title(self) -> str:
+        return "PrismerZ (RGB only)" if self.config.is_prismerz else "Prismer"
+
+    def describe_parts(self) -> list[tuple[str, nn.Module | nn.Parameter | None]]:
+        return [
+            ("vision backbone", self.vision),
+            ("language backbone", self.language),
+            ("expert stems", self.expert_stems),
+            ("instance embeddings", self.instance_embedding),
+            ("resampler", self.resampler),
+            ("head", self.objective),
+        ]
+
+    def checkpoint_state(self) -> dict[str, Tensor]:
+        """The trainable weights, frozen ones no pretrained source can restore (a backbone with
+        ``pretrained = None``), BatchNorm statistics, and the objective's buffers (its training
+        state: queues, momentum copies, counters)."""
+        vc, lc = self.config.vision, self.config.language
+        unsourced = []
+        if not vc.pretrained:
+            unsourced.append("vision.")
+        if not lc.pretrained:
+            unsourced.append("language.")
+        trainable = {id(p) for p in self.parameters() if p.requires_grad}
+        stem_buffers = {f"expert_stems.{n}" for n, _ in self.expert_stems.named_buffers()}
+        objective_buffers = {f"objective.{n}" for n, _ in self.objective.named_buffers()}
+        state = {}
+        for name, t in self.state_dict(keep_vars=True).items():
+            # a stem that loads its own pretrained trunk needs no copy in the checkpoint
+            cnn_trunk = name.startswith("vision.stem.") and not self.vision.stem.weights_in_backbone
+            if (
+                id(t) in trainable
+                or name in stem_buffers
+                or name in objective_buffers
+                or (name.startswith(tuple(unsourced)) and not cnn_trunk)
+            ):
+                state[name] = t.detach().contiguous().cpu()
+        return state
+
+    def begin_step(self, step: int) -> None:
+        """Tell the objective which optimizer step the next forwards belong to."""
+        hook = getattr(self.objective, "begin_step", None)
+        if hook is not None:
+            hook(step)
 
     # -- inputs -------------------------------------------------------------------------------
     def check_images(self, images: Tensor) -> Tensor:
@@ -469,11 +518,12 @@ def _resize_labels(index: Tensor, size: int) -> Tensor:
     return out[:, 0].long()
 
 
-def create_model(
-    config: ModelConfig, host: PluginHost | None = None, pretrained: bool = True
-) -> PrismerModel:
-    """Build the model a config describes; ``pretrained`` loads the weights it names."""
-    model = PrismerModel.from_config(config, host)
+def create_model(config: ModelConfig, host: PluginHost | None = None, pretrained: bool = True):
+    """Build the model a config describes with the architecture it names
+    (``config.architecture``, registered through ``register_architectures``); ``pretrained``
+    loads the weights it names."""
+    host = host or get_plugin_manager()
+    model = host.architectures.get(config.architecture).from_config(config, host)
     if pretrained:
         model.load_pretrained()
     return model

@@ -48,6 +48,11 @@ def load_image(source: ImageLike) -> Tensor:
             with Image.open(source) as im:
                 im.load()
                 source = ImageOps.exif_transpose(im)
+        except Image.DecompressionBombError as e:
+            raise ValueError(
+                f"image {source}: too large to decode safely ({e}): downscale it, or raise "
+                f"PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
+            ) from None
         except (OSError, SyntaxError) as e:
             raise ValueError(f"image {source}: cannot be read ({e})") from None
     if isinstance(source, Image.Image):
@@ -74,6 +79,13 @@ def load_image(source: ImageLike) -> Tensor:
     raise TypeError(f"cannot read an image from {type(source).__name__}")
 
 
+def drop_empty(texts: Sequence[str]) -> tuple[list[int], int]:
+    """Indices of the texts that hold more than whitespace, and how many were dropped: data
+    captions that are empty are skipped (and counted in a run's report), never fatal."""
+    kept = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+    return kept, len(texts) - len(kept)
+
+
 class Processor:
     """Tokenizer + image resizing for one model config."""
 
@@ -89,6 +101,13 @@ class Processor:
         self.pad = tokenizer.pad_token_id
         if None in (self.bos, self.eos, self.pad):
             raise ValueError("tokenizer needs BOS/CLS, EOS/SEP and PAD tokens")
+        if len(tokenizer) > config.language.vocab_size:
+            raise ValueError(
+                f"config {config.name!r}: the tokenizer ({getattr(tokenizer, 'name_or_path', '?')}) "
+                f"has {len(tokenizer)} tokens but language.vocab_size is "
+                f"{config.language.vocab_size}: use the language model's own tokenizer "
+                f"(language.tokenizer) or a vocab_size of at least {len(tokenizer)}"
+            )
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> Processor:
@@ -99,7 +118,15 @@ class Processor:
             raise ValueError(
                 "language.tokenizer (or language.pretrained) must name a tokenizer folder or hub id"
             )
-        return cls(AutoTokenizer.from_pretrained(weights.resolve(source)), config)
+        tokenizer = AutoTokenizer.from_pretrained(weights.resolve(source))
+        if config.language.special_tokens:
+            tokenizer.add_special_tokens(dict(config.language.special_tokens))
+        if len(tokenizer) > config.language.vocab_size:
+            raise ValueError(
+                f"tokenizer {source} has {len(tokenizer)} tokens but language.vocab_size is "
+                f"{config.language.vocab_size}: raise vocab_size or fix language.special_tokens"
+            )
+        return cls(tokenizer, config)
 
     def images(self, images: Sequence[ImageLike]) -> Tensor:
         """``(B, 3, S, S)`` float32 in [0, 1], resized (bicubic, antialiased) to the model's size."""
@@ -118,8 +145,8 @@ class Processor:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _check_len(self, n: int, text: str) -> None:
-        limit = self.config.max_text_len
+    def _check_len(self, n: int, text: str, limit: int | None = None) -> None:
+        limit = self.config.max_text_len if limit is None else limit
         if n > limit:
             raise ValueError(
                 f"text {text[:60]!r} is {n} tokens with BOS/EOS; the model takes at most {limit}: shorten it or raise max_text_len"
@@ -148,11 +175,15 @@ class Processor:
         gives the first word its byte-level BPE space marker)."""
         return " " + (answer.strip().capitalize() if self.config.text.normalize else answer.strip())
 
-    def _caption_row(self, prompt: str, caption: str) -> tuple[list[int], list[int]]:
-        """``[BOS] prompt caption [EOS]`` tokenised as one string (truncated to
-        ``text.caption_tokens``) and its labels (-100 on BOS and the prompt)."""
+    def _caption_row(
+        self, prompt: str, caption: str, limit: int | None = None
+    ) -> tuple[list[int], list[int]]:
+        """``[BOS] prompt caption [EOS]`` tokenised as one string and its labels (-100 on BOS
+        and the prompt); cut to ``limit`` tokens when given (captions that are data)."""
         text = self.caption_text(prompt, caption)
-        ids = self._ids(text)[: self.config.text.caption_tokens - 2]
+        ids = self._ids(text)
+        if limit is not None:
+            ids = ids[: limit - 2]
         seq = [self.bos, *ids, self.eos]
         if prompt and self.config.text.normalize:
             prompt = pre_caption(prompt, self.config.text.max_words)
@@ -168,23 +199,42 @@ class Processor:
         targets: Sequence[str],
         tasks: Sequence[str] | None = None,
         weights: Sequence[float] | None = None,
+        truncate: bool = False,
+        max_len: int | None = None,
     ) -> dict[str, Tensor]:
         """A training batch, in the reference's formats; right-padded.
 
         ``"caption"`` rows: ``[BOS] prompt target [EOS]`` tokenised as ONE string (so the first
         target word carries its leading space with byte-level BPE, as the reference's
-        ``tokenizer("A picture of " + caption)``), labels -100 on BOS, the prompt and padding.
-        ``"vqa"`` rows (``prompts`` are questions): the question block ``[BOS] question``
-        (right-padded to the batch's longest question, as the reference pads it) followed by the
-        answer block ``" Answer" [EOS]``; labels on the answer only. Returns ``input_ids``,
-        ``attention_mask``, ``labels`` and, when given, per-sample ``weights``.
+        ``tokenizer("A picture of " + caption)``), cut to ``text.caption_tokens`` as the
+        reference's tokenizer call cuts captions; labels -100 on BOS, the prompt and padding.
+        ``"vqa"`` rows (``prompts`` are questions): the question block ``[BOS] question`` (cut to
+        ``text.question_tokens``, right-padded to the batch's longest question, as the reference
+        pads it) followed by the answer block ``" Answer" [EOS]``; labels on the answer only.
+
+        ``max_len`` (default ``config.max_text_len``) bounds each row, BOS and EOS included: a
+        longer row is refused (text a user typed), unless ``truncate`` (captions that are data:
+        web captions, corpus sentences; BLIP cuts them to 30 or 35 tokens), which cuts the tail
+        and keeps EOS. Empty targets are refused either way: drop them first (:func:`drop_empty`).
+        Returns ``input_ids``, ``attention_mask``, ``labels`` and, when given, ``weights``.
         """
         if len(prompts) != len(targets):
             raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+        limit = self.config.max_text_len if max_len is None else max_len
+        if limit < 3:
+            raise ValueError(f"max_len must leave room for BOS, one token and EOS; got {limit}")
         tasks = list(tasks) if tasks is not None else ["caption"] * len(prompts)
         for i, t in enumerate(targets):
             if not t.strip():
-                raise ValueError(f"sample {i}: empty target text for prompt {prompts[i]!r}")
+                raise ValueError(
+                    f"empty target text (sample {i}, prompt {prompts[i]!r}): drop empty captions "
+                    "first (prismkit.core.processor.drop_empty)"
+                )
+        # data captions: cut as the reference's tokenizer call (``text.caption_tokens``) unless
+        # the caller names its own bound
+        cut = None
+        if truncate:
+            cut = min(self.config.text.caption_tokens, limit) if max_len is None else limit
         qlen = self.config.text.question_tokens
         questions = {
             i: [self.bos, *self._ids(self.question_text(prompts[i]))][:qlen]
@@ -197,16 +247,18 @@ class Processor:
             if task == "vqa":
                 q = questions[i]
                 a = [*self._ids(self.answer_text(target)), self.eos]
+                if truncate and len(q) + len(a) > limit:
+                    a = [*a[: max(1, limit - len(q) - 1)], self.eos]
                 pad = [self.pad] * (qwidth - len(q))
                 seq = q + pad + a
                 mask = [1] * len(q) + [0] * len(pad) + [1] * len(a)
                 labels = [IGNORE] * qwidth + a
             elif task == "caption":
-                seq, labels = self._caption_row(prompt, target)
+                seq, labels = self._caption_row(prompt, target, cut)
                 mask = [1] * len(seq)
             else:
                 raise ValueError(f"sample {i}: unknown task {task!r}; expected 'caption' or 'vqa'")
-            self._check_len(sum(mask), prompt + " " + target)
+            self._check_len(sum(mask), prompt + " " + target, limit)
             rows.append((seq, mask, labels))
         n = max(len(r[0]) for r in rows)
         ids = torch.full((len(rows), n), self.pad, dtype=torch.long)
@@ -221,7 +273,7 @@ class Processor:
             out["weights"] = torch.tensor(list(weights), dtype=torch.float32)
         return out
 
-    def batch(self, samples) -> dict[str, Tensor]:
+    def batch(self, samples, truncate: bool = False) -> dict[str, Tensor]:
         """:meth:`encode` of dataset samples (``prompt``, ``target``, ``task``, ``weight``)."""
         weights = [s.weight for s in samples]
         return self.encode(
@@ -229,7 +281,19 @@ class Processor:
             [s.target for s in samples],
             [s.task for s in samples],
             weights if any(w != 1.0 for w in weights) else None,
+            truncate=truncate,
         )
+
+    def _pad(self, seqs: list[list[int]], left: bool = False) -> dict[str, Tensor]:
+        """Token rows -> ``input_ids`` / ``attention_mask`` padded to the longest row."""
+        n = max(map(len, seqs))
+        ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), n), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            cols = slice(n - len(s), n) if left else slice(0, len(s))
+            ids[i, cols] = torch.tensor(s, dtype=torch.long)
+            mask[i, cols] = 1
+        return {"input_ids": ids, "attention_mask": mask}
 
     def prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         """Caption generation prompts ``[BOS] prompt`` (the reference tokenises the prompt and
@@ -237,13 +301,7 @@ class Processor:
         seqs = [[self.bos, *(self._ids(p.strip()) if p.strip() else [])] for p in prompts]
         for s, p in zip(seqs, prompts, strict=True):
             self._check_len(len(s), p)
-        n = max(map(len, seqs))
-        ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), n), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, n - len(s) :] = torch.tensor(s)
-            mask[i, n - len(s) :] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return self._pad(seqs, left=True)
 
     def questions(self, questions: Sequence[str]) -> dict[str, Tensor]:
         """VQA prompts as the reference builds them: ``[BOS] question`` (no EOS), right-padded."""
@@ -251,24 +309,11 @@ class Processor:
             [self.bos, *self._ids(self.question_text(q))][: self.config.text.question_tokens]
             for q in questions
         ]
-        n = max(map(len, seqs))
-        ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), n), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return self._pad(seqs)
 
     def answers(self, answers: Sequence[str]) -> dict[str, Tensor]:
         """Candidate answers ``" Answer" [EOS]``, right-padded ``(C, A)`` ids and mask."""
-        seqs = [[*self._ids(self.answer_text(a)), self.eos] for a in answers]
-        n = max(map(len, seqs))
-        ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), n), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return self._pad(self.candidates(answers))
 
     def candidates(self, candidates: Sequence[str]) -> list[list[int]]:
         """Answer candidates as token ids ending in EOS (with the leading space)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -10,6 +11,7 @@ from prismkit.core.data import VLDataset, label_key
 from prismkit.core.generation import BeamConfig, beam_search, rank_answers
 from prismkit.core.model import PrismerModel
 from prismkit.core.processor import ImageLike, Processor
+from prismkit.core.progress import Progress
 
 
 class Predictor:
@@ -49,6 +51,10 @@ class Predictor:
         """Beam-search captions after ``prompt`` (default: the config's ``text.caption_prompt``;
         "" for zero-shot models), transformers' semantics (``max_length`` counts the prompt)."""
         self.model.eval()
+        own = getattr(self.model, "caption", None)
+        if own is not None:  # an architecture with its own generation (BLIP): its prompt, lengths
+            pixels = images if isinstance(images, torch.Tensor) else self.processor.images(images)
+            return own(pixels, self.processor, None, num_beams=(cfg or BeamConfig()).beams)
         prompt = self.processor.config.text.caption_prompt if prompt is None else prompt
         vision = self._encode(images, ids)
         p = self.processor.prompts([prompt] * vision.shape[0])
@@ -156,16 +162,21 @@ def evaluate(
     batch_size: int = 32,
 ) -> dict[str, float]:
     """Metrics of ``model`` on ``data``: VQA accuracy (closed-set ranking over the dataset's answer
-    list, and open-ended generation) or caption BLEU-4 / CIDEr-D (beam search)."""
+    list, and open-ended generation) or caption BLEU-4 / ROUGE-L / CIDEr-D, plus METEOR and SPICE
+    when ``cfg.java_metrics`` allows and Java is here (beam search). A progress bar shows on a
+    terminal."""
     from prismkit.engine import metrics
     from prismkit.engine.batching import ImageCache, iter_batches
 
     pred = Predictor(model, processor, feeder)
     images = ImageCache(data, model.config.vision.image_size)
     n = 0
+    total = len(data) if limit is None else min(limit, len(data))
+    bar = Progress(total, f"eval {data.name}", unit="sample")
     if data.task == "vqa":
         closed, opened, refs = [], [], []
         for idx in iter_batches(data, batch_size, limit):
+            bar.update(len(idx))
             samples = [data[i] for i in idx]
             pixels = torch.stack([images(i) for i in idx])
             ids = [label_key(s) for s in samples]
@@ -174,6 +185,7 @@ def evaluate(
             opened += pred.answer(pixels, questions, None, ids=ids)
             refs += [s.references or [s.target] for s in samples]
             n += len(idx)
+        bar.close()
         return {
             "vqa_accuracy": metrics.vqa_accuracy(closed, refs),
             "vqa_accuracy_open": metrics.vqa_accuracy(opened, refs),
@@ -184,6 +196,7 @@ def evaluate(
         beam = BeamConfig(beams=cfg.beams, max_length=cfg.max_length, min_length=cfg.min_length)
         seen: set[str] = set()
         for idx in iter_batches(data, batch_size, limit):
+            bar.update(len(idx))
             idx = [i for i in idx if data[i].image_id not in seen]  # one caption per image
             if not idx:
                 continue
@@ -197,11 +210,30 @@ def evaluate(
                 preds[s.image_id] = c or "(empty)"
                 refs[s.image_id] = s.references or [s.target]
             n += len(idx)
-        scores = metrics.caption_scores(preds, refs)
-        return {"bleu4": scores["Bleu_4"], "cider": scores["CIDEr"], "samples": float(n)}
+        bar.close()
+        java = _java_metrics(getattr(cfg, "java_metrics", "off"))
+        scores = metrics.caption_scores(preds, refs, java=java)
+        out = {"bleu4": scores["Bleu_4"], "rouge_l": scores["ROUGE_L"], "cider": scores["CIDEr"]}
+        out.update({k.lower(): scores[k] for k in java})
+        return {**out, "samples": float(n)}
     raise ValueError(
         f"dataset {data.name!r} has task {data.task!r}; evaluate supports 'vqa' and 'caption'"
     )
+
+
+def _java_metrics(mode: str) -> tuple[str, ...]:
+    """The Java caption metrics to compute for ``eval.java_metrics`` (auto / on / off); "auto"
+    prints one line naming what is missing and how to get it."""
+    from prismkit.engine.metrics import JAVA_METRICS, java_metrics_missing
+
+    if mode == "off":
+        return ()
+    missing = java_metrics_missing()
+    if missing and mode == "on":
+        raise ValueError("eval.java_metrics = 'on': " + "; ".join(missing.values()))
+    for why in missing.values():
+        print(f'note: {why} (eval.java_metrics="off" silences this)', file=sys.stderr)
+    return tuple(m for m in JAVA_METRICS if m not in missing)
 
 
 def evaluate_datasets(

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from prismkit.core.expert import Expert, LabelMap, WeightsStatus
+from prismkit.core.expert import LabelMap
 from prismkit.core.hookspecs import hookimpl
 from prismkit.experts._common import check_images
-from prismkit.experts._hf import (
-    hf_weights_status,
-    id2label_names,
-    load_model_and_processor,
-    preprocess,
-)
+from prismkit.experts._hf import HFExpert, id2label_names
 
 
 def paint_boxes(boxes: Tensor, height: int, width: int) -> tuple[Tensor, list[int]]:
@@ -39,7 +34,7 @@ def paint_boxes(boxes: Tensor, height: int, width: int) -> tuple[Tensor, list[in
     return out, order
 
 
-class ObjectDetection(Expert):
+class ObjectDetection(HFExpert):
     """Boxes from ``AutoModelForObjectDetection`` + ``post_process_object_detection``, kept when
     their score is at least ``threshold`` (0.5, as in the reference), painted as instances.
 
@@ -57,6 +52,7 @@ class ObjectDetection(Expert):
     instances: ClassVar[bool] = True
     label_table: ClassVar[str | None] = "detection"
     default_weights: ClassVar[str] = "facebook/detr-resnet-50"
+    auto_model: ClassVar[str] = "AutoModelForObjectDetection"
 
     def __init__(
         self,
@@ -67,26 +63,9 @@ class ObjectDetection(Expert):
     ) -> None:
         super().__init__(weights=weights, device=device)
         self.threshold = threshold
-        self._model: Any = None
-        self._processor: Any = None
         self._classes: tuple[str, ...] = ()
 
-    @property
-    def ref(self) -> str:
-        """The hub id or folder the weights load from."""
-        return self.weights or self.default_weights
-
-    def weights_status(self) -> WeightsStatus:
-        return hf_weights_status(self.ref)
-
-    def load(self) -> None:
-        if self._model is not None:
-            return
-        from transformers import AutoModelForObjectDetection
-
-        self._model, self._processor = load_model_and_processor(
-            AutoModelForObjectDetection, self.ref, self.device
-        )
+    def _after_load(self) -> None:
         self._classes = id2label_names(self._model.config)
         self.vocabulary = ("background", *self._classes)
 
@@ -99,10 +78,8 @@ class ObjectDetection(Expert):
     def predict(self, images: Tensor, inputs: dict[str, LabelMap]) -> LabelMap:
         """``images (B, 3, H, W)`` in [0, 1] -> instance ids ``(B, H, W)`` int64."""
         b, h, w = check_images(self.name, images)
-        self.load()
-        batch = preprocess(self._processor, images.to(self.device), self.device)
-        outputs = self._model(**batch)
-        results = self._processor.post_process_object_detection(
+        outputs = self.model(**self.model_inputs(images))
+        results = self.processor.post_process_object_detection(
             outputs, threshold=self.threshold, target_sizes=[(h, w)] * b
         )
         maps, names = [], []

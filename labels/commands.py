@@ -94,7 +94,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"labelling {', '.join(args.inputs[:3])}{more} with {', '.join(experts)} into {store} "
         f"(shard {shard[0]}/{shard[1]}, {args.workers} worker(s), batch {args.batch_size})"
     )
-    report = run_experts(args.inputs, experts, store, args.batch_size, args.workers, shard=shard)
+    if args.batch_size < 1 or args.workers < 1:
+        raise ValueError(
+            f"--batch-size and --workers must be at least 1; got {args.batch_size}, {args.workers}"
+        )
+    report = run_experts(
+        args.inputs, experts, store, args.batch_size, args.workers, shard=shard, verify=args.verify
+    )
     print(report.summary())
     return 1 if report.failures else 0
 
@@ -141,6 +147,12 @@ def _configure(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="resize images to SIZE x SIZE first; default: native resolution, equal sizes batched",
+    )
+    r.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the checksum of every stored label file of these images and recompute the "
+        "damaged ones (without it, only truncated files are caught)",
     )
     r.set_defaults(func=cmd_run)
 

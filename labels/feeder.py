@@ -57,7 +57,7 @@ class ExpertFeeder:
         self, model: PrismerModel, host: PluginHost, labels: str = "", compute_missing: bool = False
     ) -> None:
         self.compute_missing = compute_missing
-        self.slots = model.experts
+        self.slots = list(getattr(model, "experts", ()))  # architectures without experts: none
         self.experts = {s.name: host.expert(s.name)() for s in self.slots}
         # experts needed as inputs of enabled ones (normals read depth) run too, unused by the model
         for e in list(self.experts.values()):

@@ -132,15 +132,32 @@ def write_tokenizer(folder: Path) -> None:
 
 
 def tiny_config(tiny_dir: Path, name: str = "tiny", **fields) -> ModelConfig:
-    """The registered tiny config with its backbones pointed at the saved tiny checkpoints."""
+    """The registered tiny config with its backbones pointed at the saved tiny checkpoints (and
+    the tiny tokenizer saved beside the BERT, 128 ids)."""
     host = get_plugin_manager()
     cfg = load_config(host.model_configs.get(name))
     cfg.vision.pretrained = str(tiny_dir / "clip")
     cfg.vision.act = "quick_gelu"
     cfg.language.pretrained = str(tiny_dir / "bert")
+    cfg.language.tokenizer = None
+    cfg.language.vocab_size = 128
     for key, value in fields.items():
         setattr(cfg, key, value)
     return cfg
+
+
+def tiny_cli_sets(tiny_dir: Path) -> list[str]:
+    """``--set`` arguments that point the registered tiny configs at the saved tiny checkpoints
+    (what :func:`tiny_config` does, for the command line)."""
+    bert = tiny_dir / "bert"
+    sets = [
+        f'vision.pretrained="{tiny_dir / "clip"}"',
+        'vision.act="quick_gelu"',
+        f'language.pretrained="{bert}"',
+        f'language.tokenizer="{bert}"',
+        "language.vocab_size=128",
+    ]
+    return [a for s in sets for a in ("--set", s)]
 
 
 def batch_for(model: PrismerModel, b: int = 2, seed: int = 0) -> dict:

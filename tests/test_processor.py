@@ -61,8 +61,7 @@ def test_encode_masks_the_prompt_from_the_loss(processor):
 
 
 def test_too_long_text_names_the_limit(processor):
-    # the caption is cut to text.max_words words and text.caption_tokens tokens (the reference's
-    # pre_caption and tokenizer truncation), which is still longer than this model's 24 tokens
+    # text a user typed is refused, not cut (data captions are cut with truncate=True)
     with pytest.raises(
         ValueError, match="the model takes at most 24: shorten it or raise max_text_len"
     ):
@@ -83,7 +82,7 @@ def test_captions_are_one_string_and_truncated_as_the_reference(processor):
     n_prompt = 1 + len(processor._ids("A picture of"))
     assert enc["labels"][0, :n_prompt].eq(-100).all()
     assert enc["labels"][0, n_prompt:].tolist() == ids[n_prompt:]
-    long = processor.encode(["a picture of"], ["word " * 50])
+    long = processor.encode(["a picture of"], ["word " * 50], truncate=True)  # data, as training
     assert long["attention_mask"].sum() == processor.config.text.caption_tokens
 
 
