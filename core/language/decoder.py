@@ -198,7 +198,8 @@ class TextDecoder(nn.Module):
         # the lookup's gradient as sparse rows: autograd adds them to the tied LM head's dense
         # gradient in place, instead of zero-filling and adding a second (V, D) dense buffer
         # (50265 x 768: 147 MiB and ~50 ms a step on the CPU; the sum is the same)
-        sparse = torch.is_grad_enabled() and w.requires_grad
+        # (torch.compile traces the dense lookup: its graphs do not take sparse gradients)
+        sparse = torch.is_grad_enabled() and w.requires_grad and not torch.compiler.is_compiling()
         x = F.embedding(input_ids, w, self.word_embeddings.padding_idx, sparse=sparse)
         x = x + self.token_type_embeddings.weight[0]
         x = x + self.position_embeddings(positions)
