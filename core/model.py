@@ -132,6 +132,7 @@ class PrismerModel(nn.Module):
             label_smoothing=config.label_smoothing,
             width=config.language.width,
             vision_width=config.language.width,
+            encoder_width=config.vision.width,
             **config.head_options,
         )
         model = cls(
@@ -297,8 +298,18 @@ class PrismerModel(nn.Module):
         return maps
 
     # -- model --------------------------------------------------------------------------------
-    def encode_image(self, images: Tensor, experts: dict[str, ExpertInput] | None = None) -> Tensor:
-        """``(B, 3, S, S)`` RGB in [0, 1] (+ expert labels) -> vision tokens ``(B, Nv, D_lang)``."""
+    def encode_image(
+        self,
+        images: Tensor,
+        experts: dict[str, ExpertInput] | None = None,
+        text: Tensor | None = None,
+        text_mask: Tensor | None = None,
+    ) -> Tensor:
+        """``(B, 3, S, S)`` RGB in [0, 1] (+ expert labels) -> vision tokens ``(B, Nv, D_lang)``.
+
+        ``text (B, Tt, D_vision)``: further tokens encoded with the image in one bidirectional
+        pass (SimVLM's joint encoder), appended after the image tokens; ``text_mask (B, Tt)``
+        1 = token, 0 = padding. Output ``(B, Nv + Tt, D_lang)``."""
         x = self.check_images(images)
         tokens = self.vision.embed(x)
         if self.resampler is not None:
@@ -312,7 +323,12 @@ class PrismerModel(nn.Module):
             raise ValueError(
                 f"PrismerZ uses no experts, but expert inputs {sorted(experts)} were given"
             )
-        return self.vision_proj(self.vision.encode(tokens))
+        mask = None
+        if text is not None:
+            real = tokens.new_ones(tokens.shape[:2], dtype=torch.long)
+            text_mask = real[:, :1].expand(text.shape[:2]) if text_mask is None else text_mask
+            tokens, mask = torch.cat([tokens, text], 1), torch.cat([real, text_mask.long()], 1)
+        return self.vision_proj(self.vision.encode(tokens, mask))
 
     def forward(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -10,6 +11,24 @@ from prismkit.core.data import VLDataset, label_key
 from prismkit.core.generation import BeamConfig, beam_search, score_candidates
 from prismkit.core.model import PrismerModel
 from prismkit.core.processor import ImageLike, Processor
+
+
+def generation_inputs(
+    model: PrismerModel,
+    images: torch.Tensor,
+    experts: dict | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What generation runs for prompts ``input_ids (B, P)`` (left-padded) on ``images``:
+    ``(decoder, vision, input_ids, attention_mask)`` for ``beam_search``/``score_candidates``.
+    The head's own ``generation_inputs`` when it defines one (SimVLM reads the prompt as a
+    bidirectional prefix, or encodes it with the image); else the language model with the image
+    tokens, the prompt read causally."""
+    hook = getattr(model.objective, "generation_inputs", None)
+    if hook is not None:
+        return hook(model, images, experts, input_ids, attention_mask)
+    return model.language, model.encode_image(images, experts), input_ids, attention_mask
 
 
 class Predictor:
@@ -22,9 +41,14 @@ class Predictor:
     def __init__(self, model: PrismerModel, processor: Processor, feeder) -> None:
         self.model, self.processor, self.feeder = model, processor, feeder
 
-    def _encode(
-        self, images: Sequence[ImageLike] | torch.Tensor, ids: list[str] | None = None
-    ) -> torch.Tensor:
+    def _inputs(
+        self,
+        images: Sequence[ImageLike] | torch.Tensor,
+        prompts: Sequence[str] | str,
+        ids: list[str] | None = None,
+    ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pixels, expert labels and prompts -> :func:`generation_inputs`. One ``prompts``
+        string is used for every image."""
         device = next(self.model.parameters()).device
         if isinstance(images, torch.Tensor):
             pixels = images
@@ -34,23 +58,29 @@ class Predictor:
                 str(i) if isinstance(i, str) else f"image-{n}" for n, i in enumerate(images)
             ]
         pixels = pixels.to(device)
-        ids = ids or [f"image-{n}" for n in range(pixels.shape[0])]
+        b = pixels.shape[0]
+        ids = ids or [f"image-{n}" for n in range(b)]
+        prompts = [prompts] * b if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != b:
+            raise ValueError(f"{b} images but {len(prompts)} questions")
+        p = {k: v.to(device) for k, v in self.processor.prompts(prompts).items()}
         with torch.no_grad():
-            return self.model.encode_image(pixels, self.feeder(pixels, ids))
+            experts = self.feeder(pixels, ids)
+            return generation_inputs(
+                self.model, pixels, experts, p["input_ids"], p["attention_mask"]
+            )
 
     @torch.no_grad()
     def caption(
         self, images, prompt: str = "", cfg: BeamConfig | None = None, ids: list[str] | None = None
     ) -> list[str]:
         self.model.eval()
-        vision = self._encode(images, ids)
-        p = self.processor.prompts([prompt] * vision.shape[0])
-        p = {k: v.to(vision.device) for k, v in p.items()}
+        decoder, vision, input_ids, mask = self._inputs(images, prompt, ids)
         out = beam_search(
-            self.model.language,
+            decoder,
             vision,
-            p["input_ids"],
-            p["attention_mask"],
+            input_ids,
+            mask,
             self.processor.eos,
             self.processor.pad,
             cfg or BeamConfig(),
@@ -69,27 +99,25 @@ class Predictor:
     ) -> list[str]:
         """Closed-ended (rank ``candidates`` by mean log-likelihood) or open-ended (beam search)."""
         self.model.eval()
-        vision = self._encode(images, ids)
-        if len(questions) != vision.shape[0]:
-            raise ValueError(f"{vision.shape[0]} images but {len(questions)} questions")
-        p = self.processor.prompts([prompt.format(q) for q in questions])
-        p = {k: v.to(vision.device) for k, v in p.items()}
+        decoder, vision, input_ids, mask = self._inputs(
+            images, [prompt.format(q) for q in questions], ids
+        )
         if candidates:
             scores = score_candidates(
-                self.model.language,
+                decoder,
                 vision,
-                p["input_ids"],
-                p["attention_mask"],
+                input_ids,
+                mask,
                 self.processor.candidates(candidates),
                 self.processor.pad,
                 top_k,
             )
             return [candidates[j] for j in scores.argmax(-1).tolist()]
         out = beam_search(
-            self.model.language,
+            decoder,
             vision,
-            p["input_ids"],
-            p["attention_mask"],
+            input_ids,
+            mask,
             self.processor.eos,
             self.processor.pad,
             BeamConfig(beams=3, max_length=8, min_length=1),
@@ -102,14 +130,12 @@ class Predictor:
     ) -> torch.Tensor:
         """``(B, C)`` mean log-likelihood of "a photo of a [CLASS]" for each class."""
         self.model.eval()
-        vision = self._encode(images)
-        p = self.processor.prompts([""] * vision.shape[0])
-        p = {k: v.to(vision.device) for k, v in p.items()}
+        decoder, vision, input_ids, mask = self._inputs(images, "")
         return score_candidates(
-            self.model.language,
+            decoder,
             vision,
-            p["input_ids"],
-            p["attention_mask"],
+            input_ids,
+            mask,
             self.processor.candidates([template.format(c) for c in classes]),
             self.processor.pad,
         )

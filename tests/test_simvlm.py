@@ -22,8 +22,14 @@ from prismkit.core.processor import Processor
 from prismkit.engine.evaluate import Predictor
 from prismkit.engine.train import DataConfig, RunConfig, TrainConfig, train
 from prismkit.simvlm import plugin as simvlm_plugin
-from prismkit.simvlm.generation import PrefixDecoder, prefix_caption, prefix_vqa
-from prismkit.simvlm.objective import PrefixLMObjective, sample_prefix_len
+from prismkit.simvlm.decoders import JointDecoder, PrefixDecoder
+from prismkit.simvlm.generation import prefix_caption, prefix_vqa
+from prismkit.simvlm.objective import (
+    PrefixLMObjective,
+    first_tokens,
+    sample_prefix_len,
+    split_prefix,
+)
 from prismkit.simvlm.stems import ResNet152StagesStem, ResNetStagesStem, resnet_trunk_filter
 
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -150,18 +156,42 @@ def test_load_pretrained_rejects_wrong_files(resnet18_file, tmp_path):
 
 
 # -- prefix LM ----------------------------------------------------------------------------------
-def test_split_points_uniform_and_reproducible():
-    mask = torch.zeros(3, 7, dtype=torch.long)
-    for row, n in enumerate((7, 3, 2)):  # real tokens incl. BOS; L = n - 1 after BOS
-        mask[row, :n] = 1
-    draws = torch.stack(
-        [sample_prefix_len(mask, torch.Generator().manual_seed(s)) for s in range(1200)]
+def test_split_points_drawn_after_the_prompt_image_only_prefix_included():
+    # rows: [BOS p p t t t EOS] (prompt 2, n = 4 targets), [BOS t EOS] (n = 2),
+    # [BOS p EOS] (n = 1), [BOS p p] (no targets), [pad pad BOS p t EOS] (left-padded, n = 2)
+    mask = torch.tensor(
+        [[1] * 7, [1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0]]
+        + [[0, 0, 1, 1, 1, 1, 0]]
     )
-    counts = torch.bincount(draws[:, 0], minlength=7)
-    assert counts[:2].sum() == 0 and counts[2:].min() > 1200 / 5 * 0.75  # uniform over 2..6
-    assert (draws[:, 1] == 2).all() and (draws[:, 2] == 1).all()  # L=2: BOS+1; L=1: BOS only
+    labels = torch.full_like(mask, IGNORE)
+    labels[0, 3:7] = 9
+    labels[1, 1:3] = 9
+    labels[2, 2] = 9
+    labels[4, 4:6] = 9
+    draws = torch.stack(
+        [sample_prefix_len(mask, labels, torch.Generator().manual_seed(s)) for s in range(1200)]
+    )
+    counts = torch.bincount(draws[:, 0], minlength=8)
+    # BOS + prompt always in the prefix; 0..3 caption tokens after it, uniformly (3 = image only)
+    assert counts[:3].sum() == 0 and counts[7:].sum() == 0
+    assert counts[3:7].min() > 1200 / 4 * 0.8
+    assert set(draws[:, 1].tolist()) == {1, 2}  # no prompt: BOS alone (image-only) or + 1 token
+    assert (draws[:, 2] == 2).all()  # one target (EOS): the prefix is BOS + prompt
+    assert (draws[:, 3] == 3).all()  # no target: all prefix
+    assert set(draws[:, 4].tolist()) == {2, 3}  # padding does not count
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    assert torch.equal(sample_prefix_len(mask, g1), sample_prefix_len(mask, g2))
+    assert torch.equal(sample_prefix_len(mask, labels, g1), sample_prefix_len(mask, labels, g2))
+
+
+def test_caption_batch_split_never_cuts_the_prompt(tiny_dir):
+    processor = Processor.from_config(tiny_config(tiny_dir, "tiny_z"))
+    batch = processor.encode(["a picture of"] * 2, ["a red circle", "a blue shape in the image"])
+    prompt = 1 + len(processor.tokenizer("a picture of", add_special_tokens=False)["input_ids"])
+    for seed in range(50):
+        pl = sample_prefix_len(
+            batch["attention_mask"], batch["labels"], torch.Generator().manual_seed(seed)
+        )
+        assert (pl >= prompt).all() and (pl < batch["attention_mask"].sum(1)).all()
 
 
 @torch.no_grad()
@@ -200,7 +230,9 @@ def test_loss_only_on_suffix_and_split_is_seeded(model):
     loss, _ = obj(model, **(batch | {"labels": in_suffix}), prefix_len=prefix)
     assert not torch.allclose(loss, base)
     seeded, _ = PrefixLMObjective(seed=3)(model, **batch)
-    drawn = sample_prefix_len(batch["attention_mask"], torch.Generator().manual_seed(3))
+    drawn = sample_prefix_len(
+        batch["attention_mask"], batch["labels"], torch.Generator().manual_seed(3)
+    )
     explicit, _ = obj(model, **batch, prefix_len=drawn)
     torch.testing.assert_close(seeded, explicit)
 
@@ -240,6 +272,148 @@ def test_mixed_batch_is_the_token_weighted_mean_of_both_passes(model):
     torch.testing.assert_close(none, absent)
     with pytest.raises(ValueError, match="has_image"):
         obj(model, **(batch | {"images": None}), has_image=torch.ones(3, dtype=torch.bool))
+
+
+# -- joint encoder (the paper's encoder-decoder) ------------------------------------------------
+@pytest.fixture(scope="module")
+def joint(tiny_dir) -> PrismerModel:
+    """tiny_z as SimVLM's encoder-decoder; a random 16-wide ViT so the prefix is projected."""
+    cfg = tiny_config(tiny_dir, "tiny_z", head="prefix_lm", head_options={"joint_encoder": True})
+    cfg.vision.pretrained, cfg.vision.frozen, cfg.vision.width = None, False, 16
+    torch.manual_seed(0)
+    m = create_model(cfg, simvlm_host())
+    lang = m.language
+    for layer in lang.layers:  # zero-initialised cross-attention would hide the encoder
+        torch.nn.init.normal_(layer.cross_attn.out_proj.weight, std=0.2)
+    return m.eval()
+
+
+def test_split_prefix_packs_left_and_right_padded_rows():
+    ids = torch.tensor([[2, 5, 6, 7, 8, 3], [0, 0, 2, 9, 10, 3]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    labels = torch.tensor([[IGNORE, IGNORE, 6, 7, 8, 3], [IGNORE] * 3 + [9, 10, 3]])
+    split = split_prefix(ids, mask, labels, torch.tensor([3, 1]))
+    assert split.enc_ids.tolist() == [[2, 5, 6], [2, 0, 0]]
+    assert split.enc_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert split.dec_ids.tolist() == [[2, 7, 8, 3], [2, 9, 10, 3]]
+    assert split.dec_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
+    assert split.dec_labels.tolist() == [[IGNORE, 7, 8, 3], [IGNORE, 9, 10, 3]]
+    assert first_tokens(ids, mask).tolist() == [[2], [2]]
+
+
+def test_joint_head_has_its_projection_and_it_trains(joint):
+    obj = joint.objective
+    assert obj.joint_encoder and isinstance(obj.text_proj, torch.nn.Linear)
+    assert (obj.text_proj.in_features, obj.text_proj.out_features) == (32, 16)
+    assert all(p.requires_grad for p in obj.parameters())
+
+
+@torch.no_grad()
+def test_joint_encoder_is_bidirectional_over_image_and_prefix(joint):
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(1, 3, 32, 32, generator=g)
+    ids = torch.randint(5, 60, (1, 4), generator=g)
+    mask = torch.ones_like(ids)
+    obj = joint.objective
+    memory, memory_mask = obj.encode(joint, images, None, ids, mask)
+    n_img = memory.shape[1] - 4
+    assert n_img == 1 + 16 and memory_mask.tolist() == [[1] * (n_img + 4)]
+    other = ids.clone()
+    other[0, 3] += 1  # the last prefix token reaches every image token and the first text one
+    changed, _ = obj.encode(joint, images, None, other, mask)
+    assert not torch.isclose(changed, memory, atol=1e-6).all(-1).any()
+    brighter, _ = obj.encode(joint, images * 0.5, None, ids, mask)
+    assert not torch.isclose(brighter[:, n_img:], memory[:, n_img:], atol=1e-6).all(-1).any()
+    padded, pmask = obj.encode(  # a padded prefix position is hidden from every other token
+        joint,
+        images,
+        None,
+        torch.cat([ids, ids[:, :1] + 7], 1),
+        torch.cat([mask, mask[:, :1] * 0], 1),
+    )
+    torch.testing.assert_close(padded[:, :-1], memory, rtol=1e-5, atol=1e-5)
+    assert pmask[0, -1] == 0
+
+
+@torch.no_grad()
+def test_joint_loss_is_padding_free_and_only_on_the_suffix(joint):
+    batch = _batch(b=3, t=9, seed=5)
+    batch["images"] = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    prefix = torch.tensor([4, 3, 5])
+    obj = joint.objective
+    loss, _ = obj(joint, **batch, prefix_len=prefix)
+    # the batched loss is the token-weighted mean of each row run alone (no padding anywhere)
+    total, count = 0.0, 0
+    for r in range(3):
+        n = int(batch["attention_mask"][r].sum())
+        row = {k: v[r : r + 1, :n] if v.dim() == 2 else v[r : r + 1] for k, v in batch.items()}
+        part, _ = obj(joint, **row, prefix_len=prefix[r : r + 1])
+        k = int((row["labels"][0, prefix[r] :] != IGNORE).sum())
+        total, count = total + part * k, count + k
+    torch.testing.assert_close(loss, total / count, rtol=1e-5, atol=1e-6)
+    in_prefix = batch["labels"].clone()
+    in_prefix[0, 3] = 7  # position 3 < prefix 4: an encoder token, not learned
+    same, _ = obj(joint, **(batch | {"labels": in_prefix}), prefix_len=prefix)
+    torch.testing.assert_close(same, loss, rtol=0, atol=0)
+    # the decoder reads the prefix only through the encoder: a prefix token change moves the loss
+    ids = batch["input_ids"].clone()
+    ids[0, 3] = (ids[0, 3] + 1) % 60 + 5
+    moved, _ = obj(joint, **(batch | {"input_ids": ids}), prefix_len=prefix)
+    assert not torch.allclose(moved, loss)
+
+
+def test_joint_text_only_rows_and_mixed_batches(joint):
+    batch, prefix = _batch(seed=6), torch.tensor([3, 2, 4])
+    obj = joint.objective
+    has = torch.tensor([True, False, True])
+    with torch.no_grad():
+        mixed, _ = obj(joint, **batch, prefix_len=prefix, has_image=has)
+        only = batch | {"images": batch["images"][[0, 2]]}  # images of the image rows only
+        same, _ = obj(joint, **only, prefix_len=prefix, has_image=has)
+    torch.testing.assert_close(mixed, same, rtol=0, atol=0)
+    joint.zero_grad(set_to_none=True)
+    text = batch | {"images": None}
+    loss, _ = obj(joint, **text, prefix_len=prefix)
+    loss.backward()  # the encoder reads the text alone: the vision transformer and projection learn
+    assert joint.vision.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert obj.text_proj.weight.grad.abs().sum() > 0
+    assert joint.vision.stem.proj.weight.grad is None
+    joint.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def test_joint_generation_cached_equals_uncached_and_predictor_uses_it(joint, tiny_dir):
+    processor = Processor.from_config(joint.config)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    cfg = BeamConfig(beams=2, max_length=5, min_length=2)
+    questions = ["what color?", "is there a red shape in the image?"]  # different prompt lengths
+    answers = prefix_vqa(joint, processor, images, questions, cfg=cfg)
+    uncached = BeamConfig(beams=2, max_length=5, min_length=2, use_cache=False)
+    assert prefix_vqa(joint, processor, images, questions, cfg=uncached) == answers
+    predictor = Predictor(joint, processor, lambda pixels, ids: {})
+    caps = prefix_caption(joint, processor, images, cfg=cfg)
+    assert predictor.caption(images, "a picture of", cfg) == caps
+    # the decoder starts from BOS; the left-padded prompt lives in the encoder, masked
+    p = processor.prompts(questions)
+    dec, memory, ids, mask = joint.objective.generation_inputs(
+        joint, images, None, p["input_ids"], p["attention_mask"]
+    )
+    assert isinstance(dec, JointDecoder) and ids.tolist() == [[processor.bos]] * 2
+    assert memory.shape[1] == 17 + p["input_ids"].shape[1]
+    h1, cache = dec(ids, memory, mask)
+    for r in range(2):  # each row as if alone (no padding): the padded prompt is hidden
+        alone = processor.prompts(questions[r : r + 1])
+        row, _ = joint.objective.encode(
+            joint, images[r : r + 1], None, alone["input_ids"], alone["attention_mask"]
+        )
+        h2, _ = joint.language(ids[r : r + 1], row, mask[r : r + 1])
+        torch.testing.assert_close(h1[r : r + 1], h2, rtol=1e-5, atol=1e-5)
+    nxt = torch.tensor([[7], [9]])
+    step, _ = dec(nxt, None, torch.ones_like(nxt), cache=cache)
+    full, _ = JointDecoder(joint.language, dec.memory_mask)(
+        torch.cat([ids, nxt], 1), memory, torch.ones(2, 2, dtype=torch.long)
+    )
+    torch.testing.assert_close(step[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
 
 
 # -- generation ---------------------------------------------------------------------------------

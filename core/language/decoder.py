@@ -24,6 +24,8 @@ class DecoderCache:
     cross_kv: list[tuple[Tensor, Tensor] | None]
     # (B, T) 1 for real tokens, 0 for padding, over every position seen so far
     key_mask: Tensor
+    # (B, 1, 1, Nv) bool: vision tokens the cross-attention may read (None: all)
+    cross_mask: Tensor | None = None
 
     def select(self, index: Tensor) -> DecoderCache:
         """Reorder the batch (beam search)."""
@@ -31,6 +33,7 @@ class DecoderCache:
             [(k[index], v[index]) for k, v in self.self_kv],
             [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.cross_kv],
             self.key_mask[index],
+            None if self.cross_mask is None else self.cross_mask[index],
         )
 
 
@@ -59,11 +62,14 @@ class DecoderLayer(nn.Module):
         mask: Tensor,
         past: tuple[Tensor, Tensor] | None = None,
         cross_kv: tuple[Tensor, Tensor] | None = None,
+        cross_mask: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         a, self_kv = self.self_attn(x, mask=mask, past=past)
         x = self.attn_norm(x + a)
         if vision is not None or cross_kv is not None:
-            c, cross_kv = self.cross_attn(self.cross_norm(x), kv=vision, fixed_kv=cross_kv)
+            c, cross_kv = self.cross_attn(
+                self.cross_norm(x), kv=vision, mask=cross_mask, fixed_kv=cross_kv
+            )
             x = x + c
         x = self.adaptor(x)  # text-only (no vision): the unimodal text model
         x = self.ffn_norm(x + self.fc2(self.act(self.fc1(x))))
@@ -132,6 +138,7 @@ class TextDecoder(nn.Module):
         attention_mask: Tensor | None = None,
         cache: DecoderCache | None = None,
         prefix_len: Tensor | None = None,
+        vision_mask: Tensor | None = None,
     ) -> tuple[Tensor, DecoderCache]:
         """Hidden states ``(B, T, D)`` and the updated cache.
 
@@ -141,6 +148,8 @@ class TextDecoder(nn.Module):
                 alone (cross-attention skipped: BLIP's unimodal encoder, SimVLM's text-only data).
             attention_mask: ``(B, T)`` 1 for tokens, 0 for padding (left or right).
             prefix_len: ``(B,)`` tokens that attend bidirectionally (prefix LM); None = causal.
+            vision_mask: ``(B, Nv)`` 1 = vision token, 0 = padding the cross-attention skips
+                (None: all real; with ``cache``, the cached one).
         """
         b, t = input_ids.shape
         if attention_mask is None:
@@ -156,19 +165,23 @@ class TextDecoder(nn.Module):
         positions = (key_mask.cumsum(1) - 1).clamp(min=0)[:, total - t :]
         mask = self._mask(key_mask, t, prefix_len)
         x = self.embed(input_ids, positions)
+        if vision_mask is not None:
+            cross_mask = vision_mask.bool()[:, None, None, :]
+        else:
+            cross_mask = cache.cross_mask if cache is not None else None
         self_kv, cross_kv = [], []
         for i, layer in enumerate(self.layers):
             past = cache.self_kv[i] if cache is not None else None
             ckv = cache.cross_kv[i] if cache is not None else None
             if self.gradient_checkpointing and self.training:
                 x, skv, ckv = torch.utils.checkpoint.checkpoint(
-                    layer, x, vision, mask, past, ckv, use_reentrant=False
+                    layer, x, vision, mask, past, ckv, cross_mask, use_reentrant=False
                 )
             else:
-                x, skv, ckv = layer(x, vision, mask, past, ckv)
+                x, skv, ckv = layer(x, vision, mask, past, ckv, cross_mask)
             self_kv.append(skv)
             cross_kv.append(ckv)
-        return x, DecoderCache(self_kv, cross_kv, key_mask)
+        return x, DecoderCache(self_kv, cross_kv, key_mask, cross_mask)
 
     @staticmethod
     def _mask(key_mask: Tensor, t: int, prefix_len: Tensor | None) -> Tensor:
