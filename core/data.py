@@ -26,8 +26,9 @@ class DataError(ValueError):
 
 @dataclass
 class Sample:
-    # the image as a file path (label-store key) or an already decoded (3, H, W) tensor in [0, 1]
-    image: str | Tensor
+    # the image as a file path (label-store key) or an already decoded (3, H, W) tensor in [0, 1];
+    # None: a text-only sample (trained by heads that declare ``text_only``)
+    image: str | Tensor | None
     # a stable id of the image (file path or dataset key) for labels and evaluation
     image_id: str
     # text the model is conditioned on (masked from the loss)
@@ -36,6 +37,9 @@ class Sample:
     target: str
     # VQA: every annotator answer (for the official accuracy); captioning: all references
     references: list[str] = field(default_factory=list)
+    # per-sample tensors the training loop stacks and hands to the head as keyword arguments
+    # (mu-VLA's retrieval embeddings); every sample of a reader carries the same keys
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def label_key(sample: Sample) -> str:
@@ -47,7 +51,7 @@ class VLDataset(Dataset):
     """Base of the readers: a list of samples plus what the task needs."""
 
     name: ClassVar[str]
-    # "caption" or "vqa"
+    # "caption", "vqa" or "text" (text-only samples, not evaluated)
     task: ClassVar[str]
 
     def __init__(self, samples: list[Sample], answer_list: list[str] | None = None) -> None:
@@ -64,6 +68,8 @@ class VLDataset(Dataset):
 
     def image(self, i: int) -> Tensor:
         img = self.samples[i].image
+        if img is None:
+            raise DataError(f"dataset {self.name!r} sample {i} is text-only: it has no image")
         return load_image(img) if isinstance(img, str) else img
 
 

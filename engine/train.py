@@ -45,6 +45,12 @@ class DataConfig:
     labels: str = ""
     # DataLoader worker processes
     workers: int = 0
+    # a text-only reader mixed into every batch ("" = none; e.g. "text_corpus") and its options;
+    # needs a head that trains on text alone (``text_only``, e.g. "prefix_lm")
+    text_dataset: str = ""
+    text_options: dict[str, Any] = field(default_factory=dict)
+    # fraction of each batch taken from text_dataset (SimVLM: 512 of 4,608 = 0.111)
+    text_ratio: float = 0.0
 
 
 @dataclass
@@ -235,6 +241,12 @@ def train(
         seed=cfg.seed,
         **dcfg.options,
     )
+    text_data, n_text = None, 0
+    if dcfg.text_dataset:
+        n_text = text_rows(cfg.batch_size, dcfg.text_ratio)
+        text_data = build_dataset(
+            host.datasets, dcfg.text_dataset, "train", seed=cfg.seed, **dcfg.text_options
+        )
     feeder = ExpertFeeder(model, host, dcfg.labels)
     images = ImageCache(data, model_cfg.vision.image_size)
     opt = configure_optimizer(model, cfg)
@@ -258,26 +270,36 @@ def train(
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         total = 0.0
+        parts: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
-            idx = batch_indices(step, micro, acc.process_index, acc.num_processes, cfg, len(data))
+            rank, world = acc.process_index, acc.num_processes
+            idx = batch_indices(step, micro, rank, world, cfg, len(data), cfg.batch_size - n_text)
             samples = [data[i] for i in idx]
-            pixels = torch.stack([images(i) for i in idx]).to(acc.device)
+            if text_data is not None:
+                t_idx = batch_indices(step, micro, rank, world, cfg, len(text_data), n_text, 1)
+                samples += [text_data[i] for i in t_idx]
+            # images (and expert labels) of the rows that have one, in batch order
+            with_image = [i for i in idx if data[i].image is not None]
             batch = {
                 k: v.to(acc.device)
                 for k, v in processor.encode(
                     [s.prompt for s in samples], [s.target for s in samples]
                 ).items()
             }
-            with torch.no_grad():
-                experts = feeder(pixels, [label_key(s) for s in samples])
+            batch |= sample_extras(samples, acc.device)
+            if len(with_image) < len(samples):
+                check_text_only(raw, model_cfg, dcfg)
+                batch["has_image"] = torch.tensor(
+                    [s.image is not None for s in samples], device=acc.device
+                )
+            pixels, experts = None, None
+            if with_image:
+                pixels = torch.stack([images(i) for i in with_image]).to(acc.device)
+                with torch.no_grad():
+                    experts = feeder(pixels, [label_key(data[i]) for i in with_image])
             with acc.accumulate(model), acc.autocast():
-                loss = model(
-                    pixels,
-                    batch["input_ids"],
-                    batch["attention_mask"],
-                    batch["labels"],
-                    experts=experts,
-                ).loss
+                out = model(pixels, experts=experts, **batch)
+                loss = out.loss
                 acc.backward(loss)
                 if acc.sync_gradients:
                     acc.clip_grad_norm_(
@@ -286,21 +308,29 @@ def train(
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             total += loss.detach().float() / cfg.grad_accum
+            for k, v in out.parts.items():
+                parts[k] = parts.get(k, 0.0) + float(v) / cfg.grad_accum
         mean_loss = acc.reduce(total, reduction="mean").item()
-        log.append(
-            {
-                "step": step,
-                "loss": mean_loss,
-                "lr": opt.param_groups[0]["lr"],
-                "seconds": round(time.time() - t_train, 2),
-            }
-        )
+        record: dict[str, Any] = {
+            "step": step,
+            "loss": mean_loss,
+            "lr": opt.param_groups[0]["lr"],
+            "seconds": round(time.time() - t_train, 2),
+        }
+        if parts:  # the objective's parts (process means), e.g. mu-VLA's pair-weight quantiles
+            names = sorted(parts)
+            values = acc.reduce(torch.tensor([parts[k] for k in names], device=acc.device), "mean")
+            record["parts"] = {k: round(float(v), 6) for k, v in zip(names, values, strict=True)}
+        log.append(record)
         if writer is not None:
             writer.add_scalar("train/loss", mean_loss, step)
             writer.add_scalar("train/lr", log[-1]["lr"], step)
+            for k, v in record.get("parts", {}).items():
+                writer.add_scalar(f"train/{k}", v, step)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            shown = "".join(f"  {k} {v:.3g}" for k, v in record.get("parts", {}).items())
             acc.print(
-                f"step {step:5d}  loss {mean_loss:.4f}  lr {log[-1]['lr']:.2e}  {time.time() - t_train:.0f}s",
+                f"step {step:5d}  loss {mean_loss:.4f}  lr {log[-1]['lr']:.2e}  {time.time() - t_train:.0f}s{shown}",
                 flush=True,
             )
         step += 1
@@ -373,6 +403,44 @@ def train(
     acc.wait_for_everyone()
     acc.end_training()
     return result
+
+
+def text_rows(batch_size: int, ratio: float) -> int:
+    """Text-only samples in a batch of ``batch_size`` at ``data.text_ratio = ratio``."""
+    n = round(batch_size * ratio)
+    if not 0 < n < batch_size:
+        raise ConfigError(
+            f"data.text_ratio = {ratio} gives {n} text-only samples in a batch of {batch_size}: "
+            f"choose a ratio that leaves 1 to {batch_size - 1} (or unset data.text_dataset)"
+        )
+    return n
+
+
+def check_text_only(model: PrismerModel, model_cfg: ModelConfig, dcfg: DataConfig) -> None:
+    """Text-only samples need a head that trains on them (class attribute ``text_only``)."""
+    if not getattr(model.objective, "text_only", False):
+        source = dcfg.text_dataset or dcfg.dataset
+        raise ConfigError(
+            f"data: {source!r} has text-only samples, but head {model_cfg.head!r} does not train "
+            "on text alone (no text_only): use a head that does (e.g. prefix_lm) or image-text data"
+        )
+
+
+def sample_extras(samples: list, device: torch.device) -> dict[str, torch.Tensor]:
+    """The samples' ``extras`` (per-sample tensors a reader attaches for its head, e.g.
+    mu-VLA's retrieval embeddings) stacked into ``(B, ...)`` keyword arguments."""
+    keys = set(samples[0].extras)
+    if not keys and not any(s.extras for s in samples):
+        return {}
+    for n, s in enumerate(samples):
+        if set(s.extras) != keys:
+            raise ValueError(
+                f"sample {n} ({s.image_id}) has extras {sorted(s.extras)}, sample 0 has "
+                f"{sorted(keys)}: every sample of a batch must carry the same extras"
+            )
+    return {
+        k: torch.stack([torch.as_tensor(s.extras[k]) for s in samples]).to(device) for k in keys
+    }
 
 
 def _tensorboard(out_dir: Path):

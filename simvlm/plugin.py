@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prismkit.core.config import register_config_folder
 from prismkit.core.hookspecs import hookimpl
+from prismkit.simvlm.data import TextCorpus
 from prismkit.simvlm.objective import PrefixLMObjective
 from prismkit.simvlm.stems import ResNet152StagesStem, ResNetStagesStem
 
@@ -29,6 +30,11 @@ def register_image_stems(register) -> None:
 @hookimpl
 def register_heads(register) -> None:
     register(PrefixLMObjective)
+
+
+@hookimpl
+def register_datasets(register) -> None:
+    register(TextCorpus)
 
 
 @hookimpl

@@ -13,15 +13,18 @@ from helpers import tiny_config
 from safetensors.torch import save_file
 
 from prismkit import hookimpl
-from prismkit.core.config import ModelConfig
+from prismkit.core.config import ConfigError, ModelConfig
+from prismkit.core.data import DataError
 from prismkit.core.generation import BeamConfig
 from prismkit.core.heads import IGNORE
 from prismkit.core.host import PluginHost, get_plugin_manager
 from prismkit.core.model import PrismerModel, create_model
 from prismkit.core.processor import Processor
+from prismkit.engine.batching import batch_indices
 from prismkit.engine.evaluate import Predictor
 from prismkit.engine.train import DataConfig, RunConfig, TrainConfig, train
 from prismkit.simvlm import plugin as simvlm_plugin
+from prismkit.simvlm.data import TextCorpus, word_chunks
 from prismkit.simvlm.decoders import JointDecoder, PrefixDecoder
 from prismkit.simvlm.generation import prefix_caption, prefix_vqa
 from prismkit.simvlm.objective import (
@@ -494,3 +497,79 @@ def test_train_three_steps_through_the_registry(tiny_dir, tmp_path, resnet18_fil
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert result["steps"] == 3 and math.isfinite(result["final_loss"])
     assert (tmp_path / "model.safetensors").exists()
+
+
+# -- text-only data in the training loop --------------------------------------------------------
+def test_text_corpus_reader(tmp_path):
+    path = tmp_path / "c4.txt"
+    path.write_text("a red circle on a mat\n\n   \none two three four five six seven\n")
+    data = TextCorpus(path=str(path), chunk_words=3)
+    assert [s.target for s in data] == [
+        "a red circle",
+        "on a mat",
+        "one two three",
+        "four five six",
+        "seven",
+    ]
+    assert all(s.image is None and s.prompt == "" for s in data) and data.task == "text"
+    assert len(TextCorpus(path=str(path))) == 2 and word_chunks("  ", 4) == []
+    with pytest.raises(DataError, match="text-only"):
+        data.image(0)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\n\xff\xfe broken\n")
+    with pytest.raises(DataError, match="line 2 is not UTF-8"):
+        TextCorpus(path=str(bad))
+    with pytest.raises(DataError, match="does not exist"):
+        TextCorpus(path=str(tmp_path / "none.txt"))
+
+
+def test_text_stream_has_its_own_order():
+    cfg = TrainConfig(batch_size=4, seed=0)
+    a = batch_indices(3, 0, 0, 1, cfg, 50, per=3)
+    b = batch_indices(3, 0, 0, 1, cfg, 50, per=1, stream=1)
+    assert len(a) == 3 and len(b) == 1
+    assert batch_indices(3, 0, 0, 1, cfg, 50) == batch_indices(3, 0, 0, 1, cfg, 50, per=4)
+    # the text stream walks its own permutations: one epoch of 50 covers every text sample once
+    epoch = [i for s in range(10) for i in batch_indices(s, 0, 0, 1, cfg, 50, 5, 1)]
+    assert sorted(epoch) == list(range(50)) and epoch != list(range(50))
+    assert epoch != [i for s in range(10) for i in batch_indices(s, 0, 0, 1, cfg, 50, 5)]
+
+
+def test_training_loop_mixes_text_only_samples(tiny_dir, tmp_path, monkeypatch):
+    corpus = tmp_path / "c4.txt"
+    words = ["alpha", "beta", "gamma", "delta"]
+    corpus.write_text("\n".join(f"the {w} text line number {i}" for i, w in enumerate(words)))
+    seen = []
+    forward = PrefixLMObjective.forward
+
+    def spy(self, model, **kw):
+        seen.append((kw["images"], kw["has_image"], kw["input_ids"].shape[0]))
+        return forward(self, model, **kw)
+
+    monkeypatch.setattr(PrefixLMObjective, "forward", spy)
+    cfg = tiny_config(tiny_dir, "tiny_z", head="prefix_lm", head_options={"joint_encoder": True})
+    t = TrainConfig(
+        steps=2, batch_size=4, grad_accum=2, warmup=1, eval_questions=0, out_dir=str(tmp_path / "r")
+    )
+    data = DataConfig(
+        dataset="easyvqa_captions",
+        fraction=0.02,
+        text_dataset="text_corpus",
+        text_options={"path": str(corpus)},
+        text_ratio=0.25,
+    )
+    result = train(cfg, RunConfig(data=data, train=t), simvlm_host())
+    assert result["steps"] == 2 and math.isfinite(result["final_loss"])
+    assert len(seen) == 4  # 2 steps x 2 micro-batches
+    for images, has_image, b in seen:
+        assert b == 4 and has_image.tolist() == [True, True, True, False]
+        assert images.shape[0] == 3  # only the rows with an image are decoded and encoded
+    log = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert set(log[0]["parts"]) == {"prefix_lm"}
+    # a head that cannot train on text alone is refused, naming the field
+    lm = tiny_config(tiny_dir, "tiny_z")
+    with pytest.raises(ConfigError, match="text-only samples"):
+        train(lm, RunConfig(data=data, train=t), simvlm_host())
+    bad = DataConfig(dataset="easyvqa_captions", text_dataset="text_corpus", text_ratio=0.01)
+    with pytest.raises(ConfigError, match="data.text_ratio"):
+        train(cfg, RunConfig(data=bad, train=t), simvlm_host())
