@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
-from prismkit.core.config import ModelConfig
+from prismkit.core.config import NO_WEIGHTS, ModelConfig
 from prismkit.core.host import PluginHost, get_plugin_manager
 from prismkit.core.io import atomic_write
 from prismkit.core.model import PrismerModel, create_model
@@ -20,23 +21,33 @@ FORMAT = "prismkit-checkpoint-1"
 
 def checkpoint_state(model: PrismerModel) -> dict[str, torch.Tensor]:
     """Weights a checkpoint must hold: the trainable ones, plus frozen ones that no pretrained
-    source can restore (a backbone with ``pretrained = None``), plus BatchNorm statistics."""
+    source can restore (a backbone with ``pretrained = None``, a stem with ``stem_pretrained =
+    "none"``), plus the statistics of BatchNorm layers that train (expert stems, a stem trained
+    from scratch)."""
     vc, lc = model.config.vision, model.config.language
     unsourced = []
     if not vc.pretrained:
         unsourced.append("vision.")
     if not lc.pretrained:
         unsourced.append("language.")
+    stem_unsourced = vc.stem_pretrained == NO_WEIGHTS
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    stem_buffers = {f"expert_stems.{n}" for n, _ in model.expert_stems.named_buffers()}
+    bn_stats = {
+        f"{name}.{b}" if name else b
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and any(p.requires_grad for p in m.parameters())
+        for b, _ in m.named_buffers(recurse=False)
+    }
     state = {}
     for name, t in model.state_dict(keep_vars=True).items():
         # a stem that loads its own pretrained trunk needs no copy in the checkpoint
         cnn_trunk = name.startswith("vision.stem.") and not model.vision.stem.weights_in_backbone
         if (
             id(t) in trainable
-            or name in stem_buffers
+            or name in bn_stats
             or (name.startswith(tuple(unsourced)) and not cnn_trunk)
+            or (cnn_trunk and stem_unsourced)
         ):
             state[name] = t.detach().contiguous().cpu()
     return state

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prismkit.core import weights
-from prismkit.core.config import ModelConfig
+from prismkit.core.config import NO_WEIGHTS, ModelConfig
 from prismkit.core.host import PluginError, PluginHost, get_plugin_manager
 from prismkit.core.language.decoder import TextDecoder
 from prismkit.core.vision.expert_stem import ExpertStem
@@ -165,7 +165,8 @@ class PrismerModel(nn.Module):
                 )
         if vc.pretrained:
             self.vision.load_pretrained(vc.pretrained)
-        self.vision.stem.load_pretrained(vc.stem_pretrained)
+        if vc.stem_pretrained != NO_WEIGHTS:
+            self.vision.stem.load_pretrained(vc.stem_pretrained)
         if lc.pretrained:
             self.language.load_pretrained(lc.pretrained)
 

@@ -16,7 +16,7 @@ from prismkit.core.config import register_config_folder
 from prismkit.core.hookspecs import hookimpl
 from prismkit.simvlm.data import TextCorpus
 from prismkit.simvlm.objective import PrefixLMObjective
-from prismkit.simvlm.stems import ResNet152StagesStem, ResNetStagesStem
+from prismkit.simvlm.stems import NoAdaptor, ResNet152StagesStem, ResNetStagesStem
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -25,6 +25,11 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 def register_image_stems(register) -> None:
     register(ResNetStagesStem)
     register(ResNet152StagesStem)
+
+
+@hookimpl
+def register_adaptors(register) -> None:
+    register(NoAdaptor)
 
 
 @hookimpl
