@@ -13,10 +13,7 @@ from torch import Tensor
 
 from prismkit.core.data import DataError, Sample, VLDataset, _subset
 from prismkit.core.heads import IGNORE
-from prismkit.muvla.corpus import tags_text
-
-INDEX_FORMAT = "prismkit.muvla_index/1"
-
+from prismkit.muvla.corpus import embeddings_path, read_embeddings, tags_text
 
 # -- noun phrases and the batch extras ---------------------------------------------------------
 STOP_WORDS = frozenset(
@@ -62,6 +59,18 @@ def noun_phrase_spans(sentence: str, tags: Sequence[str]) -> list[tuple[int, int
     return spans
 
 
+def maskable(tokenizer: Any, ids: Sequence[int]) -> list[bool]:
+    """Which token ids are (part of) a word and may be masked: not special tokens, and their
+    decoded text holds a letter or digit. Decoding matters: a byte-level BPE piece carries its
+    leading space as a marker (RoBERTa's ``"Ġ,"``) and ``"Ġ".isalnum()`` is True, so reading the
+    raw piece would make punctuation an MLM target."""
+    special = set(tokenizer.all_special_ids)
+    texts = tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
+    return [
+        i not in special and any(c.isalnum() for c in t) for i, t in zip(ids, texts, strict=True)
+    ]
+
+
 def _encode_span(processor: Any, text: str, spans: Sequence[tuple[int, int]] = ()) -> _Row:
     """``[BOS] text [EOS]`` ids (cut to the model's max_text_len), which tokens are maskable
     (words, not specials or punctuation) and which lie in ``spans``."""
@@ -69,7 +78,7 @@ def _encode_span(processor: Any, text: str, spans: Sequence[tuple[int, int]] = (
     limit = processor.config.max_text_len - 2
     ids = enc["input_ids"][:limit]
     offs = enc["offset_mapping"][:limit]
-    word = [any(c.isalnum() for c in text[s:e]) for s, e in offs]
+    word = maskable(processor.tokenizer, ids)
     inside = [
         any(s < b and e > a for a, b in spans) and w for (s, e), w in zip(offs, word, strict=True)
     ]
@@ -145,14 +154,9 @@ def extras_from_encoded(
     the sentence and tags are decoded, chunked and the sentence re-encoded; a row whose
     re-encoding differs from its ids (a lossy tokenizer) gets no noun-phrase tokens."""
     tok = processor.tokenizer
-    special = set(tok.all_special_ids)
 
     def words(ids: list[int]) -> list[bool]:
-        pieces = tok.convert_ids_to_tokens(ids)
-        return [
-            i not in special and any(c.isalnum() for c in p)
-            for i, p in zip(ids, pieces, strict=True)
-        ]
+        return maskable(tok, ids)
 
     t_rows: list[_Row] = []
     s_rows: list[_Row] = []
@@ -180,10 +184,14 @@ def extras_from_encoded(
 # -- the dataset reader ------------------------------------------------------------------------
 class MuVLAPairs(VLDataset):
     """The weakly aligned pairs JSONL of ``prismkit muvla build``: one sample per row with
-    ``rank <= max_rank``; ``prompt`` = the tag sentence (``"tag1, tag2"``), ``target`` = the
-    retrieved sentence, so the plain training loop's ``encode(prompt, target)`` carries
-    everything :class:`MuVLAObjective` needs. Relative image paths are relative to the JSONL's
-    folder."""
+    ``rank <= max_rank`` and ``score >= min_score``; ``prompt`` = the tag sentence
+    (``"tag1, tag2"``), ``target`` = the retrieved sentence, so the plain training loop's
+    ``encode(prompt, target)`` carries everything :class:`MuVLAObjective` needs. Relative image
+    paths are relative to the JSONL's folder.
+
+    When the build's retrieval embeddings lie beside the JSONL (:func:`embeddings_path`), each
+    sample carries them as ``extras`` ``tag_emb (D,)`` and ``sent_emb (D,)``: the training loop
+    hands them to the objective, whose ITM hard negatives are drawn by retrieval similarity."""
 
     name: ClassVar[str] = "muvla_pairs"
     task: ClassVar[str] = "caption"
@@ -204,9 +212,12 @@ class MuVLAPairs(VLDataset):
                 f"pairs file {path} does not exist: build it with `prismkit muvla build`"
             )
         samples: list[Sample] = []
+        emb = read_embeddings(path)
+        index = -1  # row of the JSONL (non-empty lines), as in the embeddings file
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
+            index += 1
             try:
                 row = json.loads(line)
                 image, sentence, rank = str(row["image"]), str(row["sentence"]), int(row["rank"])
@@ -222,5 +233,15 @@ class MuVLAPairs(VLDataset):
             img = Path(image) if Path(image).is_absolute() else path.parent / image
             if not img.is_file():
                 raise DataError(f"{path} line {n}: image {img} does not exist")
-            samples.append(Sample(str(img), image, tags_text(tags), sentence.strip(), [sentence]))
+            extras = {}
+            if emb is not None:
+                if index >= emb[0].shape[0]:
+                    raise DataError(
+                        f"{path} line {n}: no retrieval embedding for row {index} in "
+                        f"{embeddings_path(path)}: rebuild with `prismkit muvla build`"
+                    )
+                extras = {"tag_emb": emb[0][index], "sent_emb": emb[1][index]}
+            samples.append(
+                Sample(str(img), image, tags_text(tags), sentence.strip(), [sentence], extras)
+            )
         super().__init__(_subset(samples, fraction, seed))
