@@ -111,10 +111,11 @@ class MuVLAObjective(nn.Module):
       without such a chunk add nothing.
     - **image-sentence**: ITM by a binary head (``itm_head``, a linear layer on the first
       token of the image-grounded bidirectional encoding): positive = (image, its retrieved
-      sentence), negative = (image, another row's sentence drawn within the batch by retrieval
-      similarity, :func:`draw_negatives`; never a row of the same image or with the same
-      sentence); plus MLM of the sentence (15%). Without retrieval embeddings in the batch
-      (``tag_emb``/``sent_emb`` extras) the negative is drawn uniformly from the allowed rows.
+      sentence), negative = (image, another row's sentence drawn within the batch, never a row
+      of the same image or with the same sentence, :func:`draw_negatives`): by retrieval
+      similarity (``negatives = "retrieval"``, hard negatives; needs the ``tag_emb``/``sent_emb``
+      extras, else uniform) or uniformly (``"random"``, the paper's random pairs); plus MLM of
+      the sentence (15%).
 
     After the warm-up (``warmup_steps`` optimizer steps: the ``step`` the training loop passes,
     else the objective's own count of training forwards; or ``warmup_epochs`` when the batch
@@ -149,6 +150,7 @@ class MuVLAObjective(nn.Module):
         mask_prob: float = 0.15,
         warmup_steps: int = 1000,
         warmup_epochs: int | None = None,
+        negatives: str = "retrieval",
         negative_temperature: float = 0.05,
         tag_weight: float = 1.0,
         np_weight: float = 1.0,
@@ -164,8 +166,11 @@ class MuVLAObjective(nn.Module):
             )
         if not 0 < mask_prob < 1:
             raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
+        if negatives not in ("retrieval", "random"):
+            raise ValueError(f"negatives must be 'retrieval' or 'random', got {negatives!r}")
         if negative_temperature <= 0:
             raise ValueError(f"negative_temperature must be > 0, got {negative_temperature}")
+        self.negatives = negatives
         self.label_smoothing = label_smoothing
         self.mask_prob = mask_prob
         self.warmup_steps = warmup_steps
@@ -198,6 +203,17 @@ class MuVLAObjective(nn.Module):
     def itm_logits(self, hidden: Tensor) -> Tensor:
         """``hidden (N, T, D)`` -> ``(N, 2)`` logits ``[mismatch, match]`` from the first token."""
         return self.itm_head(hidden[:, 0]).float()
+
+    @torch.no_grad()
+    def match_probability(
+        self, model, images: Tensor, sent_ids: Tensor, sent_mask: Tensor, experts=None
+    ) -> Tensor:
+        """``(B,)`` ITM match probability of each (image, sentence) pair: the weight a
+        retrieved pair gets after the warm-up. ``sent_ids``, ``sent_mask (B, T)``:
+        ``[BOS] sentence [EOS]``."""
+        vision = model.encode_image(images, experts)
+        h, _ = model.language(sent_ids, vision, sent_mask, prefix_len=sent_mask.sum(1))
+        return self.itm_logits(h).softmax(-1)[:, 1]
 
     def forward(
         self,
@@ -243,7 +259,8 @@ class MuVLAObjective(nn.Module):
         sim = None
         if tag_emb is not None and sent_emb is not None:
             sim = tag_emb.float() @ sent_emb.float().T  # the builder's retrieval cosine
-        neg, neg_valid = draw_negatives(sim, excluded, self.negative_temperature)
+        hard = sim if self.negatives == "retrieval" else None
+        neg, neg_valid = draw_negatives(hard, excluded, self.negative_temperature)
         neg_ids, neg_mask = s_ids[neg], s_mask[neg]
         ids = torch.cat([np_in, mlm_in, s_ids, neg_ids])
         mask = torch.cat([s_mask, s_mask, s_mask, neg_mask])

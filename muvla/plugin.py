@@ -17,11 +17,16 @@ retrieval, and the multi-granular objective trained on it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prismkit.core.cli import Command
+from prismkit.core.config import register_config_folder
 from prismkit.core.hookspecs import hookimpl
 from prismkit.muvla.commands import configure
 from prismkit.muvla.data import MuVLAPairs
 from prismkit.muvla.objective import MuVLAObjective
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 @hookimpl
@@ -37,3 +42,8 @@ def register_heads(register) -> None:
 @hookimpl
 def register_datasets(register) -> None:
     register(MuVLAPairs)
+
+
+@hookimpl
+def register_model_configs(register) -> None:
+    register_config_folder(register, CONFIG_DIR)

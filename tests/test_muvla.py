@@ -463,3 +463,30 @@ def test_build_then_train_with_retrieval_negatives(tiny_dir, muvla_host, tmp_pat
         parts = rec["parts"]
         assert {"w_min", "w_median", "w_max", "itm_acc", "neg_sim", "pos_sim"} <= set(parts)
         assert parts["neg_sim"] <= parts["pos_sim"] + 1e-6
+
+
+def test_negatives_option_and_match_probability(tiny_dir, muvla_host, monkeypatch):
+    torch.manual_seed(0)
+    model, batch = _model_and_batch(tiny_dir, muvla_host)
+    batch["tag_emb"], batch["sent_emb"] = torch.randn(3, 8), torch.randn(3, 8)
+    seen = []
+    draw = muvla_objective.draw_negatives
+
+    def spy(sim, excluded, temperature, generator=None):
+        seen.append(sim)
+        return draw(sim, excluded, temperature, generator)
+
+    monkeypatch.setattr(muvla_objective, "draw_negatives", spy)
+    model.eval()
+    with torch.no_grad():
+        parts = model(**batch).parts
+        torch.testing.assert_close(seen[-1], batch["tag_emb"] @ batch["sent_emb"].T)
+        model.objective.negatives = "random"  # the paper's random pairs (never the same image)
+        model(**batch)
+        assert seen[-1] is None
+    probs = model.objective.match_probability(
+        model, batch["images"], batch["sent_ids"], batch["sent_mask"], batch["experts"]
+    )
+    torch.testing.assert_close(probs.mean(), parts["match_prob"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="negatives"):
+        muvla_objective.MuVLAObjective(width=32, negatives="hardest")
