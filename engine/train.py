@@ -243,6 +243,7 @@ def train(
     )
     text_data, n_text = None, 0
     if dcfg.text_dataset:
+        check_text_only(model, model_cfg, dcfg)
         n_text = text_rows(cfg.batch_size, dcfg.text_ratio)
         text_data = build_dataset(
             host.datasets, dcfg.text_dataset, "train", seed=cfg.seed, **dcfg.text_options

@@ -5,12 +5,14 @@
 #
 # The images' true captions ("a red circle", derived from easy-vqa's annotations) are never given
 # to the builder or the trainer; the script uses them only to score the retrieval and the weights.
-# Usage: examples/muvla_offline.sh [OUT] [STEPS] [WARMUP] [IMAGES]
+# Usage: examples/muvla_offline.sh [OUT] [STEPS] [WARMUP] [IMAGES] [NEGATIVES]
+# (NEGATIVES: "retrieval", hard in-batch negatives by retrieval similarity, or "random", the paper's)
 set -euo pipefail
 OUT=${1:-runs/muvla}
-STEPS=${2:-200}
-WARMUP=${3:-100}
-IMAGES=${4:-384}
+STEPS=${2:-120}
+WARMUP=${3:-60}
+IMAGES=${4:-256}
+NEGATIVES=${5:-retrieval}
 PK=${PRISMKIT:-.venv/bin/prismkit}
 PY=${PYTHON:-.venv/bin/python}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -93,10 +95,11 @@ tags = collections.Counter(t for r in rows if r["rank"] == 1 for t in r["tags"])
 print("  most frequent tags:", ", ".join(f"{t} ({c})" for t, c in tags.most_common(8)))
 PY
 
-echo "== 4. train offline_default_muvla ($STEPS steps, ITM weighting after $WARMUP)"
+echo "== 4. train offline_default_muvla ($STEPS steps, ITM weighting after $WARMUP, $NEGATIVES negatives)"
 $PK train offline_default_muvla --set 'data.dataset="muvla_pairs"' \
     --set "data.options={pairs=\"$OUT/pairs.jsonl\"}" --set vision.image_size=64 \
-    --set "head_options.warmup_steps=$WARMUP" --steps "$STEPS" --batch-size 16 --lr 3e-4 \
+    --set "head_options.warmup_steps=$WARMUP" --set "head_options.negatives=\"$NEGATIVES\"" \
+    --steps "$STEPS" --batch-size 8 --lr 3e-4 \
     --eval-questions 0 --out-dir "$OUT/train" 2>&1 | grep -v "^$" | tee "$OUT/train.txt"
 
 echo "== 5. the curriculum: weights per step (log.jsonl) and by truth (the trained ITM head)"
@@ -113,7 +116,7 @@ log = [json.loads(x) for x in (out / "train" / "log.jsonl").read_text().splitlin
 print("step  weighted  w_min  w_q25  w_med  w_q75  w_max  itm_acc  neg_sim  pos_sim  loss")
 for r in log:
     p = r["parts"]
-    if r["step"] % 20 == 0 or r["step"] == log[-1]["step"]:
+    if r["step"] % 10 == 0 or r["step"] == log[-1]["step"]:
         print(f"{r['step']:4d}  {p['weighted']:8.0f}  {p['w_min']:.3f}  {p['w_q25']:.3f}  "
               f"{p['w_median']:.3f}  {p['w_q75']:.3f}  {p['w_max']:.3f}  {p['itm_acc']:7.3f}  "
               f"{p.get('neg_sim', float('nan')):7.3f}  {p.get('pos_sim', float('nan')):7.3f}  {r['loss']:.3f}")

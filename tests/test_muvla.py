@@ -490,3 +490,34 @@ def test_negatives_option_and_match_probability(tiny_dir, muvla_host, monkeypatc
     torch.testing.assert_close(probs.mean(), parts["match_prob"], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="negatives"):
         muvla_objective.MuVLAObjective(width=32, negatives="hardest")
+
+
+def test_itm_weight_covers_the_positive_and_the_negative(tiny_dir, muvla_host, monkeypatch):
+    torch.manual_seed(0)
+    model, batch = _model_and_batch(tiny_dir, muvla_host, warmup_steps=0)
+    roll = torch.tensor([1, 2, 0])
+
+    def fixed(sim, excluded, temperature, generator=None):
+        return roll, torch.ones(3, dtype=torch.bool)
+
+    monkeypatch.setattr(muvla_objective, "draw_negatives", fixed)
+    model.eval()
+    obj = model.objective
+    with torch.no_grad():
+        parts = model(**batch).parts
+        ids, mask = batch["sent_ids"], batch["sent_mask"]
+        vision = model.encode_image(batch["images"], batch["experts"])
+        pos, _ = model.language(ids, vision, mask, prefix_len=mask.sum(1))
+        neg, _ = model.language(ids[roll], vision, mask[roll], prefix_len=mask[roll].sum(1))
+        pos, neg = obj.itm_logits(pos), obj.itm_logits(neg)
+    w = pos.softmax(-1)[:, 1]
+    ce_pos = torch.nn.functional.cross_entropy(
+        pos, torch.ones(3, dtype=torch.long), reduction="none"
+    )
+    ce_neg = torch.nn.functional.cross_entropy(
+        neg, torch.zeros(3, dtype=torch.long), reduction="none"
+    )
+    assert float(parts["weighted"]) == 1.0
+    torch.testing.assert_close(
+        parts["itm"], (w * (ce_pos + ce_neg)).sum() / 6, rtol=1e-5, atol=1e-6
+    )
