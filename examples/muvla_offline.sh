@@ -16,6 +16,10 @@ NEGATIVES=${5:-retrieval}
 PK=${PRISMKIT:-.venv/bin/prismkit}
 PY=${PYTHON:-.venv/bin/python}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# One thread per process: on a shared, oversubscribed machine torch's second OpenMP thread waits
+# for a core on every op (measured here at load ~13 on 2 cores: 17 s per training step with 2
+# threads, 2.4 s with 1). On an idle machine set OMP_NUM_THREADS=2.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 
 echo "== 1. unpaired data: $IMAGES easy-vqa training images; a corpus of shape sentences + distractors"
