@@ -69,8 +69,10 @@ def register_heads(register: Callable[[type], None]) -> None:
     Constructor: ``cls(label_smoothing=..., width=..., vision_width=..., encoder_width=...)``
     (widths of the language model, of the vision tokens it reads, and of the vision transformer);
     called as ``objective(model, images=..., input_ids=..., attention_mask=..., labels=...,
-    experts=..., prefix_len=..., **extra) -> (loss, parts)``. Optional: a class attribute
-    ``text_only = True`` when the head trains on rows without an image (``has_image`` extra), and
+    experts=..., prefix_len=..., **extra) -> (loss, parts)``; ``extra`` holds the samples'
+    ``extras`` stacked, and ``has_image (B,)`` when a batch has text-only rows (``images`` and
+    ``experts`` then cover the rows with an image only, in order, or are None). Optional: a
+    class attribute ``text_only = True`` when the head trains on rows without an image, and
     a method ``generation_inputs(model, images, experts, input_ids, attention_mask) -> (decoder,
     vision, input_ids, attention_mask)`` when generation reads the prompt differently from the
     plain causal decoder (SimVLM's prefix)."""
