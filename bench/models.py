@@ -120,7 +120,8 @@ def train_step(
 
 @torch.no_grad()
 def captioning(model: PrismerModel, batch: int, device: torch.device) -> dict[str, Any]:
-    """Beam 3, exactly 20 new tokens (EOS only at the last step), cached vs uncached."""
+    """Beam 3 after ``<s>``, max_length 20 (transformers' count: 19 new tokens; EOS blocked so
+    every caption is full length), cached vs uncached."""
     model.eval()
     data = base_batch(model, batch, device)
     vision = model.encode_image(data["images"], data["experts"])
@@ -128,7 +129,7 @@ def captioning(model: PrismerModel, batch: int, device: torch.device) -> dict[st
     mask = torch.ones_like(ids)
     out = {}
     for use_cache in (True, False):
-        cfg = BeamConfig(beams=3, max_length=20, min_length=19, use_cache=use_cache)
+        cfg = BeamConfig(beams=3, max_length=20, min_length=20, use_cache=use_cache)
         _sync(device)
         t = time.perf_counter()
         beam_search(model.language, vision, ids, mask, eos=2, pad=1, cfg=cfg)

@@ -15,6 +15,7 @@ import copy
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -39,6 +40,7 @@ from prismkit.core.config import ModelConfig, resolve_config
 from prismkit.core.expert import Expert, LabelMap
 from prismkit.core.generation import BeamConfig, beam_search
 from prismkit.core.host import PluginHost, get_plugin_manager
+from prismkit.core.io import atomic_write
 from prismkit.core.model import PrismerModel, create_model
 from prismkit.core.processor import Processor, load_image
 from prismkit.engine.train import TrainConfig, configure_optimizer
@@ -460,12 +462,15 @@ def forward_parts(
     t1 = time.perf_counter()
     t["rgb stem"] = t1 - t0
     if model.experts:
-        pos = model.vision.patch_pos
         maps = model.expert_maps(data["experts"], x.shape[0])
-        expert_tokens = torch.cat(
-            [model.expert_stems[s.name](m) + pos for s, m in zip(model.experts, maps, strict=True)],
-            dim=1,
-        )
+        parts = []
+        for slot, (m, inst) in zip(model.experts, maps, strict=True):
+            f = model.expert_stems[slot.stem](m)
+            if inst is not None:
+                f = model.add_instances(f, inst)
+            f = f.flatten(2).transpose(1, 2)
+            parts.append(f + model.vision.positions(math.isqrt(f.shape[1])))
+        expert_tokens = torch.cat(parts, dim=1)
         t2 = time.perf_counter()
         t["expert stems"] = t2 - t1
         if path == "resampler":
@@ -476,7 +481,7 @@ def forward_parts(
     else:
         t["expert stems"] = t["resampler"] = 0.0
     t3 = time.perf_counter()
-    vision = model.vision_proj(model.vision.encode(tokens))
+    vision = model.vision.encode(tokens)
     t4 = time.perf_counter()
     t["vision backbone"] = t4 - t3
     hidden, _ = model.language(data["input_ids"], vision, data["attention_mask"])
@@ -647,8 +652,8 @@ PROMPTS = [
 
 
 def bench_generation(s: Settings, model: PrismerModel, host: PluginHost) -> dict[str, Any]:
-    """Beam search (3 beams, exactly ``gen_length`` new tokens: EOS is blocked until the last step,
-    min_length = max_length - 1) with and without the key/value cache. One untimed warm-up, on the cached run (same kernels)."""
+    """Beam search (3 beams, exactly ``gen_length`` new tokens: EOS is blocked throughout) with
+    and without the key/value cache. One untimed warm-up, on the cached run (same kernels)."""
     model.eval()
     processor = Processor.from_config(model.config)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(s.gen_batch)]
@@ -660,11 +665,10 @@ def bench_generation(s: Settings, model: PrismerModel, host: PluginHost) -> dict
     result: dict[str, Any] = {
         "batch": s.gen_batch,
         "beams": 3,
-        "max_length": n,
-        "min_length": n - 1,
+        "new_tokens": n,
     }
     for use_cache in (True, False):
-        cfg = BeamConfig(beams=3, max_length=n, min_length=n - 1, use_cache=use_cache)
+        cfg = BeamConfig(beams=3, max_length=n, min_length=n, new_tokens=True, use_cache=use_cache)
         out: list[list[int]] = []
 
         def run(cfg: BeamConfig = cfg, out: list[list[int]] = out) -> None:
@@ -676,7 +680,7 @@ def bench_generation(s: Settings, model: PrismerModel, host: PluginHost) -> dict
                 processor.eos,
                 processor.pad,
                 cfg,
-            )
+            ).new_tokens(processor.eos, processor.pad)
 
         times = median_time(run, warmup=int(use_cache), repeats=s.gen_repeats)
         sec = statistics.median(times)
@@ -980,16 +984,7 @@ def bench_loading(
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same folder, then os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

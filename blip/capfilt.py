@@ -1,324 +1,321 @@
-"""BLIP's CapFilt as a command: caption web images, filter web and synthetic captions with ITM.
+"""BLIP's CapFilt (captioning and filtering) as one command, the paper's loop:
 
-``prismkit capfilt web.jsonl --captioner cap.safetensors --filter filt.safetensors --out new.jsonl``
-reads ``{"image": path, "caption": web caption}`` lines, samples one synthetic caption per image
-(nucleus sampling), keeps the web and synthetic captions whose ITM match probability under the
-filter reaches ``--threshold``, appends optional human pairs, and writes
-``{"image", "caption", "source": "web"|"synthetic"|"human", "itm_score"}`` lines atomically.
+1. from one pre-trained BLIP checkpoint, fine-tune a captioner (LM, ``blip_caption``) and a
+   filter (ITC + ITM, ``blip_retrieval``) separately on the human-annotated pairs (the engine's
+   training loop; captions cleaned as BLIP's readers clean them);
+2. caption every web image with the captioner by nucleus sampling (``BLIP_Decoder.generate(
+   sample=True)``: top-p 0.9 after transformers' default top-k 50, repetition penalty 1.1,
+   BLIP's length limits, prompt included);
+3. keep the web and synthetic captions the filter's ITM head calls a match (p(match) > 0.5);
+4. write the bootstrapped dataset: human pairs + kept web pairs + kept synthetic pairs.
 
-``--rounds N`` repeats caption + filter on the previous round's output with the same two models:
-each round adds one new synthetic caption per image (duplicates dropped); re-scoring kept captions
-with the same filter keeps them. BLIP's next step, fine-tuning the captioner and the filter on the
-new data, is a training run (``prismkit train``) and is not done here.
-
-``prismkit retrieval CKPT data.jsonl`` prints R@1/5/10 of a ``blip`` checkpoint.
+A run whose captioner and filter are the same checkpoint is refused (CapFilt's point is two
+models fine-tuned apart). Empty web captions are dropped and counted; long ones are cut as BLIP's
+tokenizer cuts them (35 tokens for the filter). Re-training on the bootstrapped dataset is a
+``prismkit train`` run (see ``examples/blip_capfilt_easyvqa.sh``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
-from prismkit.core.checkpoint import load_checkpoint
-from prismkit.core.data import CAPTION_PROMPT, DataError
+from prismkit.blip.data import Pair, read_pairs, write_pairs
+from prismkit.blip.model import BlipModel
+from prismkit.blip.options import CAPTION, RETRIEVAL
+from prismkit.blip.text import pre_caption
 from prismkit.core.host import PluginHost, get_plugin_manager
 from prismkit.core.io import atomic_write
-from prismkit.core.language.decoder import TextDecoder
 
 
-# -- nucleus sampling --------------------------------------------------------------------------
-def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
-    """``(B, V)`` logits with every token outside the nucleus set to -inf: the smallest set of
-    most likely tokens whose probability reaches ``top_p`` (the top token is always kept)."""
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(-1)
-    before = probs.cumsum(-1) - probs  # probability of the tokens ranked above
-    drop_sorted = before >= top_p
-    drop = drop_sorted.scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-@torch.no_grad()
-def nucleus_sample(
-    decoder: TextDecoder,
-    vision: Tensor,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    eos: int,
-    top_p: float = 0.9,
-    max_length: int = 20,
-    min_length: int = 5,
-    temperature: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> list[list[int]]:
-    """Sample after left-padded prompts ``input_ids (B, P)`` attending to ``vision (B, Nv, D)``,
-    reusing the decoder's key/value cache (as :func:`prismkit.core.generation.beam_search`).
-
-    ``max_length`` new tokens at most, EOS included (the last step can only be EOS);
-    ``min_length`` tokens before EOS may be sampled. Returns token ids without EOS.
-    """
-    if not 0 <= min_length < max_length:
-        raise ValueError(
-            f"need 0 <= min_length < max_length (max counts the EOS); got {min_length}, {max_length}"
-        )
-    b = input_ids.shape[0]
-    done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-    out = input_ids.new_zeros(b, 0)
-    hidden, cache = decoder(input_ids, vision, attention_mask)
-    for step in range(max_length):
-        logits = decoder.logits(hidden[:, -1]).float() / temperature
-        if step < min_length:
-            logits[:, eos] = float("-inf")
-        if step == max_length - 1:
-            logits[:, :eos] = float("-inf")
-            logits[:, eos + 1 :] = float("-inf")
-            logits[:, eos] = 0.0
-        probs = top_p_filter(logits, top_p).softmax(-1)
-        token = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        token = token.masked_fill(done, eos)
-        out = torch.cat([out, token[:, None]], dim=1)
-        step_mask = (~done).long()[:, None]  # finished rows feed masked tokens
-        done = done | (token == eos)
-        if bool(done.all()):
-            break
-        hidden, cache = decoder(token[:, None], None, step_mask, cache=cache)
-    result = []
-    for row in out.tolist():
-        result.append(row[: row.index(eos)] if eos in row else row)
-    return result
-
-
-# -- CapFilt -----------------------------------------------------------------------------------
 @dataclass
-class Pair:
-    # image file path
-    image: str
-    # caption text
-    caption: str
-    # "web", "synthetic" or "human"
-    source: str
-    # filter's ITM match probability (None: not scored, human pairs)
-    itm_score: float | None = None
+class FineTune:
+    """How the captioner and the filter are fine-tuned on the human pairs (the engine's loop)."""
 
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "image": self.image,
-                "caption": self.caption,
-                "source": self.source,
-                "itm_score": self.itm_score,
-            }
+    # optimizer steps of each fine-tuning run
+    steps: int = 300
+    # samples per step
+    batch_size: int = 32
+    # peak learning rate (BLIP's COCO fine-tuning: 1e-5 for ViT-B; small models need more)
+    lr: float = 1e-5
+    # linear warm-up steps
+    warmup: int = 0
+    seed: int = 0
+
+
+@dataclass
+class Sampling:
+    """The captioner's nucleus sampling (BLIP_Decoder.generate(sample=True) defaults)."""
+
+    top_p: float = 0.9
+    # total length, the prompt's tokens included (BLIP_Decoder.generate's defaults)
+    max_length: int = 30
+    min_length: int = 10
+    repetition_penalty: float = 1.1
+
+
+@dataclass
+class Report:
+    human: int = 0
+    web_kept: int = 0
+    web_dropped: int = 0
+    web_empty: int = 0
+    synthetic_kept: int = 0
+    synthetic_dropped: int = 0
+    synthetic_empty: int = 0
+    captioner: str = ""
+    filter: str = ""
+    threshold: float = 0.5
+    extra: dict = field(default_factory=dict)
+
+    def table(self) -> str:
+        rows = [f"{'source':<11}{'kept':>7}{'dropped':>9}{'empty':>7}"]
+        rows.append(f"{'web':<11}{self.web_kept:>7}{self.web_dropped:>9}{self.web_empty:>7}")
+        rows.append(
+            f"{'synthetic':<11}{self.synthetic_kept:>7}{self.synthetic_dropped:>9}{self.synthetic_empty:>7}"
+        )
+        rows.append(f"{'human':<11}{self.human:>7}{0:>9}{0:>7}")
+        return "\n".join(rows)
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def refuse_same_checkpoint(captioner: str | Path, filt: str | Path) -> None:
+    """CapFilt needs two models fine-tuned apart: the same file (or identical bytes) is refused."""
+    a, b = Path(captioner).resolve(), Path(filt).resolve()
+    if a == b or (a.is_file() and b.is_file() and _digest(a) == _digest(b)):
+        raise ValueError(
+            f"captioner {captioner} and filter {filt} are the same checkpoint: CapFilt fine-tunes a "
+            "captioner (LM) and a filter (ITC+ITM) separately; pass --init to fine-tune both"
         )
 
 
-def read_pairs(path: str | Path, source: str, image_root: str | Path | None = None) -> list[Pair]:
-    """JSONL ``{"image": path, "caption": str}`` lines (optional ``"source"``) -> pairs; relative
-    image paths are read against ``image_root`` (default: the file's folder)."""
-    path = Path(path)
-    root = Path(image_root) if image_root is not None else path.parent
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise DataError(f"dataset file {path} does not exist") from None
-    pairs = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: not valid JSON: {e.msg}") from None
-        if not isinstance(item, dict) or "image" not in item or "caption" not in item:
-            raise DataError(f"{path}:{n}: each line needs 'image' and 'caption' fields")
-        image = Path(item["image"])
-        image = image if image.is_absolute() else root / image
-        if not image.is_file():
-            raise DataError(f"{path}:{n}: image {image} does not exist")
-        pairs.append(Pair(str(image), str(item["caption"]), item.get("source", source)))
-    if not pairs:
-        raise DataError(f"{path} holds no pairs")
-    return pairs
+def _task_model(path: str | Path, host: PluginHost, needs: str) -> BlipModel:
+    from prismkit.core.checkpoint import load_checkpoint
+
+    model = load_checkpoint(path, host).eval()
+    if not isinstance(model, BlipModel):
+        raise ValueError(
+            f"{path} is not a BLIP checkpoint (architecture {model.config.architecture!r})"
+        )
+    if needs == "decoder" and model.text_decoder is None:
+        raise ValueError(
+            f"{path} has no decoder (head {model.task!r}): the captioner must be blip_caption"
+        )
+    if needs == "itm" and model.itm_head is None:
+        raise ValueError(
+            f"{path} has no ITM head (head {model.task!r}): the filter must be blip_retrieval"
+        )
+    return model
 
 
-class _Models:
-    """A loaded checkpoint with its processor and expert feeder."""
+def _processor(model: BlipModel):
+    from prismkit.core.processor import Processor
 
-    def __init__(self, path: str | Path, host: PluginHost) -> None:
-        from prismkit.core.processor import Processor
-        from prismkit.labels.feeder import ExpertFeeder
-
-        self.model = load_checkpoint(path, host).eval()
-        self.processor = Processor.from_config(self.model.config)
-        self.feeder = ExpertFeeder(self.model, host, compute_missing=True)
-        self.device = next(self.model.parameters()).device
-
-    def vision(self, images: Sequence[str]) -> Tensor:
-        pixels = self.processor.images(images).to(self.device)
-        return self.model.encode_image(pixels, self.feeder(pixels, list(images)))
+    return Processor.from_config(model.config)
 
 
 @torch.no_grad()
 def caption_images(
-    captioner: _Models,
+    model: BlipModel,
+    processor,
     images: Sequence[str],
-    prompt: str,
-    top_p: float,
-    max_length: int,
-    min_length: int,
+    sampling: Sampling,
     generator: torch.Generator,
-    batch_size: int,
+    batch_size: int = 32,
 ) -> list[str]:
-    """One nucleus-sampled caption per image (the prompt is not part of the caption)."""
+    """One nucleus-sampled caption per image, decoded as BLIP decodes (prompt cut off)."""
     out: list[str] = []
-    p = captioner.processor
     for i in range(0, len(images), batch_size):
-        chunk = list(images[i : i + batch_size])
-        vision = captioner.vision(chunk)
-        enc = {k: v.to(vision.device) for k, v in p.prompts([prompt] * len(chunk)).items()}
-        ids = nucleus_sample(
-            captioner.model.language,
-            vision,
-            enc["input_ids"],
-            enc["attention_mask"],
-            p.eos,
-            top_p,
-            max_length,
-            min_length,
+        pixels = processor.images(images[i : i + batch_size])
+        out += model.caption(
+            pixels,
+            processor,
+            sample=True,
             generator=generator,
+            top_p=sampling.top_p,
+            max_length=sampling.max_length,
+            min_length=sampling.min_length,
+            repetition_penalty=sampling.repetition_penalty,
         )
-        out += [p.decode(row) for row in ids]
     return out
 
 
 @torch.no_grad()
-def itm_scores(filt: _Models, pairs: Sequence[Pair], batch_size: int) -> list[float]:
-    """The filter's ITM match probability of each pair."""
-    from prismkit.blip.objective import BLIPObjective
-
-    objective = filt.model.objective
-    if not isinstance(objective, BLIPObjective):
-        raise ValueError(
-            f"the filter must be a 'blip' checkpoint (it has an ITM head); got head {filt.model.config.head!r}"
-        )
+def itm_scores(
+    model: BlipModel, processor, pairs: Sequence[Pair], batch_size: int = 32
+) -> list[float]:
+    """The filter's ITM match probability of each (image, caption); captions are data: cut to
+    the model's text length, never refused."""
     scores: list[float] = []
+    device = model.step.device
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
-        vision = filt.vision([q.image for q in chunk])
-        enc = filt.processor.encode([""] * len(chunk), [q.caption for q in chunk])
-        logits = objective.itm_logits(
-            filt.model,
-            enc["input_ids"].to(vision.device),
-            enc["attention_mask"].to(vision.device),
-            vision,
+        pixels = model.normalize(processor.images([q.image for q in chunk]).to(device))
+        enc = processor.encode([""] * len(chunk), [q.caption for q in chunk], truncate=True)
+        logits = model.itm_logits(
+            enc["input_ids"].to(device),
+            enc["attention_mask"].to(device),
+            model.image_embeds(pixels),
         )
-        scores += logits.softmax(-1)[:, 1].tolist()
+        scores += logits.float().softmax(-1)[:, 1].tolist()
     return scores
 
 
-def capfilt_round(
-    pairs: list[Pair],
-    captioner: _Models,
-    filt: _Models,
+def bootstrap(
+    web: list[Pair],
+    captioner: BlipModel,
+    filt: BlipModel,
+    sampling: Sampling | None = None,
     threshold: float = 0.5,
-    prompt: str = CAPTION_PROMPT,
-    top_p: float = 0.9,
-    max_length: int = 20,
-    min_length: int = 5,
-    batch_size: int = 16,
-    generator: torch.Generator | None = None,
-) -> tuple[list[Pair], Counter]:
-    """Caption every image once, score web/synthetic captions, keep those ``>= threshold``.
-    Returns the kept pairs and counts ``{("web"|"synthetic", "kept"|"dropped"): n}``."""
-    generator = generator or torch.Generator().manual_seed(0)
-    images = list(dict.fromkeys(q.image for q in pairs))
+    seed: int = 0,
+    batch_size: int = 32,
+) -> tuple[list[Pair], Report]:
+    """Steps 2-3: synthetic captions for the web images, then the filter on web + synthetic.
+    Returns the kept pairs (web, then synthetic) and the counts."""
+    sampling = sampling or Sampling()
+    report = Report(threshold=threshold)
+    cap_proc, filt_proc = _processor(captioner), _processor(filt)
+    max_words = filt.options.max_words
+    candidates: list[Pair] = []
+    for q in web:
+        clean = pre_caption(q.caption, max_words)
+        if clean:
+            candidates.append(Pair(q.image, clean, "web", q.image_id))
+        else:
+            report.web_empty += 1
+    images: dict[str, str] = {}
+    for q in web:
+        images.setdefault(q.image_id, q.image)
+    generator = torch.Generator().manual_seed(seed)
     synthetic = caption_images(
-        captioner, images, prompt, top_p, max_length, min_length, generator, batch_size
+        captioner, cap_proc, list(images.values()), sampling, generator, batch_size
     )
-    counts: Counter = Counter()
-    seen = {(q.image, q.caption) for q in pairs}
-    candidates = [Pair(q.image, q.caption, q.source) for q in pairs]
-    for image, cap in zip(images, synthetic, strict=True):
-        if not cap or (image, cap) in seen:
-            counts["synthetic", "dropped"] += 1  # empty or already present
-            continue
-        seen.add((image, cap))
-        candidates.append(Pair(image, cap, "synthetic"))
+    for (image_id, image), cap in zip(images.items(), synthetic, strict=True):
+        clean = pre_caption(cap, max_words)
+        if clean:
+            candidates.append(Pair(image, clean, "synthetic", image_id))
+        else:
+            report.synthetic_empty += 1
     kept = []
-    for q, s in zip(candidates, itm_scores(filt, candidates, batch_size), strict=True):
+    for q, s in zip(candidates, itm_scores(filt, filt_proc, candidates, batch_size), strict=True):
         q.itm_score = round(float(s), 6)
-        ok = s >= threshold
-        counts[q.source, "kept" if ok else "dropped"] += 1
+        ok = s > threshold
+        attr = f"{q.source}_{'kept' if ok else 'dropped'}"
+        setattr(report, attr, getattr(report, attr) + 1)
         if ok:
             kept.append(q)
-    return kept, counts
+    return kept, report
 
 
-def write_pairs(path: str | Path, pairs: Sequence[Pair]) -> None:
-    """JSONL, written atomically."""
-    text = "".join(q.to_json() + "\n" for q in pairs)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+def fine_tune(
+    init: str | Path,
+    task: str,
+    human: str | Path,
+    out_dir: Path,
+    host: PluginHost,
+    ft: FineTune,
+    image_root: str | Path | None = None,
+) -> Path:
+    """Step 1 for one model: re-head the pre-trained checkpoint to ``task`` (as BLIP's
+    ``load_checkpoint`` does), then the engine's training loop on the human pairs. Returns the
+    fine-tuned checkpoint."""
+    from prismkit.blip.convert import rehead
+    from prismkit.core.checkpoint import load_checkpoint, save_checkpoint
+    from prismkit.core.model import create_model
+    from prismkit.engine.train import DataConfig, RunConfig, TrainConfig, train
+
+    source = load_checkpoint(init, host)
+    if not isinstance(source, BlipModel):
+        raise ValueError(f"--init {init} is not a BLIP checkpoint")
+    config, state = rehead(source, task)
+    model = create_model(config, host, pretrained=False)
+    from prismkit.blip.convert import load_converted
+
+    load_converted(model, state, str(init))
+    start = out_dir / f"{task}_init.safetensors"
+    save_checkpoint(model, start, host, extra={"reheaded_from": str(init)})
+    options = {"train": str(human), "max_words": source.options.max_words}
+    if image_root is not None:
+        options["image_root"] = str(image_root)
+    run = RunConfig(
+        data=DataConfig(dataset="blip_pairs", options=options),
+        train=TrainConfig(
+            steps=ft.steps,
+            batch_size=ft.batch_size,
+            lr=ft.lr,
+            warmup=ft.warmup,
+            seed=ft.seed,
+            stage="finetune",
+            eval_questions=0,
+            log_every=max(1, ft.steps // 10),
+            out_dir=str(out_dir / task),
+            init_from=str(start),
+        ),
+    )
+    result = train(config, run, host)
+    return Path(result["checkpoint"])
 
 
 def capfilt(
-    data: str | Path,
-    captioner: str | Path,
-    filt: str | Path,
-    out: str | Path,
+    web: str | Path,
+    out_dir: str | Path,
     host: PluginHost | None = None,
+    *,
     human: str | Path | None = None,
-    rounds: int = 1,
+    init: str | Path | None = None,
+    captioner: str | Path | None = None,
+    filt: str | Path | None = None,
+    ft: FineTune | None = None,
+    sampling: Sampling | None = None,
     threshold: float = 0.5,
-    prompt: str = CAPTION_PROMPT,
-    top_p: float = 0.9,
-    max_length: int = 20,
-    min_length: int = 5,
-    batch_size: int = 16,
     seed: int = 0,
+    batch_size: int = 32,
     image_root: str | Path | None = None,
-) -> list[Counter]:
-    """Run ``rounds`` CapFilt rounds on ``data`` and write ``out`` (+ human pairs, unfiltered).
-    Returns the per-round counts."""
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
+) -> Report:
+    """The whole loop; writes ``out_dir/bootstrapped.jsonl`` and ``out_dir/capfilt.json``.
+    Either ``init`` (fine-tune both models on ``human``) or both ``captioner`` and ``filt``
+    (already fine-tuned) must be given."""
     host = host or get_plugin_manager()
-    pairs = read_pairs(data, "web", image_root)
-    human_pairs = read_pairs(human, "human", image_root) if human else []
-    cap_models, filt_models = _Models(captioner, host), _Models(filt, host)
-    generator = torch.Generator().manual_seed(seed)
-    history = []
-    for _ in range(rounds):
-        pairs, counts = capfilt_round(
-            pairs,
-            cap_models,
-            filt_models,
-            threshold,
-            prompt,
-            top_p,
-            max_length,
-            min_length,
-            batch_size,
-            generator,
+    out_dir = Path(out_dir)
+    result = out_dir / "bootstrapped.jsonl"
+    if result.exists():
+        raise FileExistsError(f"{result} exists: prismkit does not overwrite; choose another --out")
+    if init is None and (captioner is None or filt is None):
+        raise ValueError(
+            "pass --init (fine-tune a captioner and a filter) or both --captioner and --filter"
         )
-        history.append(counts)
-    write_pairs(out, pairs + [Pair(q.image, q.caption, "human") for q in human_pairs])
-    return history
-
-
-def summary(history: Sequence[Counter], human: int = 0) -> str:
-    lines = [f"{'round':<7}{'source':<11}{'kept':>7}{'dropped':>9}"]
-    for r, counts in enumerate(history, 1):
-        for source in ("web", "synthetic"):
-            lines.append(
-                f"{r:<7}{source:<11}{counts[source, 'kept']:>7}{counts[source, 'dropped']:>9}"
-            )
-    if human:
-        lines.append(f"{'':<7}{'human':<11}{human:>7}{0:>9}")
-    return "\n".join(lines)
+    if init is not None and human is None:
+        raise ValueError("--init fine-tunes on the human-annotated pairs: pass --human")
+    human_pairs = read_pairs(human, "human", image_root) if human else []
+    web_pairs = read_pairs(web, "web", image_root)
+    if init is not None:
+        for task in (CAPTION, RETRIEVAL):
+            if (out_dir / task).exists():
+                raise FileExistsError(f"{out_dir / task} exists: prismkit does not overwrite")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ft = ft or FineTune()
+        captioner = captioner or fine_tune(init, CAPTION, human, out_dir, host, ft, image_root)
+        filt = filt or fine_tune(init, RETRIEVAL, human, out_dir, host, ft, image_root)
+    refuse_same_checkpoint(captioner, filt)
+    cap_model = _task_model(captioner, host, "decoder")
+    filt_model = _task_model(filt, host, "itm")
+    kept, report = bootstrap(
+        web_pairs, cap_model, filt_model, sampling, threshold, seed, batch_size
+    )
+    report.human, report.captioner, report.filter = len(human_pairs), str(captioner), str(filt)
+    write_pairs(result, human_pairs + kept)
+    text = json.dumps({**report.__dict__, "dataset": str(result)}, indent=2)
+    atomic_write(out_dir / "capfilt.json", lambda tmp: Path(tmp).write_text(text))
+    return report

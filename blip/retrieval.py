@@ -1,114 +1,139 @@
-"""BLIP's retrieval protocol: ITC top-k candidates re-ranked by ITM, R@1/5/10."""
+"""BLIP's retrieval evaluation (``train_retrieval.evaluation`` and ``itm_eval``): ITC similarities
+(no temperature), each query's top ``k_test`` candidates re-scored by ``ITM logit of 'match' +
+ITC similarity``, every other entry -100; recall@1/5/10 both ways.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from prismkit.blip.objective import BLIPObjective
+METRICS = (
+    "txt_r1",
+    "txt_r5",
+    "txt_r10",
+    "txt_r_mean",
+    "img_r1",
+    "img_r5",
+    "img_r10",
+    "img_r_mean",
+    "r_mean",
+)
 
 
-def rerank(
-    sim: Tensor, k: int, itm: Callable[[Tensor, Tensor], Tensor], batch_size: int = 256
-) -> Tensor:
-    """BLIP's re-ranking: each query's top ``k`` candidates by ITC ``sim (Nq, Nc)`` get score
-    ``itm(query_idx (M,), cand_idx (M,)) + sim``; the others -100. Returns ``(Nq, Nc)``."""
-    k = min(k, sim.shape[1])
-    top_sim, top_idx = sim.topk(k, dim=1)
-    q_idx = torch.arange(sim.shape[0], device=sim.device).repeat_interleave(k)
-    c_idx = top_idx.reshape(-1)
-    scores = torch.cat(
-        [
-            itm(q_idx[i : i + batch_size], c_idx[i : i + batch_size]).float()
-            for i in range(0, q_idx.numel(), batch_size)
-        ]
-    )
-    out = torch.full_like(sim, -100.0)
-    out.scatter_(1, top_idx, scores.view(-1, k) + top_sim)
-    return out
+class Scorer(Protocol):
+    """What retrieval needs of a model (``BlipModel`` has it; so does the frozen-backbone
+    head's adapter). Pixels are what ``image_embeds`` takes; texts start with [CLS]."""
+
+    def image_embeds(self, pixels: Tensor) -> Tensor: ...
+
+    def image_feat(self, embeds: Tensor) -> Tensor: ...
+
+    def text_feat(self, ids: Tensor, mask: Tensor) -> Tensor: ...
+
+    def itm_logits(
+        self, ids: Tensor, mask: Tensor, embeds: Tensor, swap: bool = True
+    ) -> Tensor: ...
 
 
-def recall_at_k(
-    i2t: Tensor, t2i: Tensor, text_image: Sequence[int], ks: Sequence[int] = (1, 5, 10)
+@dataclass
+class RetrievalResult:
+    # ITC similarity without temperature (N_img, N_txt)
+    sims: Tensor
+    # top-k candidates, descending (N_img, k) / (N_txt, k)
+    i2t_topk_idx: Tensor
+    t2i_topk_idx: Tensor
+    # ITM logits of each query with its candidates (N, k, 2)
+    i2t_itm_logits: Tensor
+    t2i_itm_logits: Tensor
+    # final scores, -100 outside the top k (N_img, N_txt) / (N_txt, N_img)
+    score_i2t: Tensor
+    score_t2i: Tensor
+    # recall (percent): txt_r1 ... r_mean
+    metrics: dict[str, float]
+
+
+def itm_eval(
+    scores_i2t: np.ndarray,
+    scores_t2i: np.ndarray,
+    txt2img: Sequence[int],
+    img2txt: Sequence[Sequence[int]],
 ) -> dict[str, float]:
-    """Recall (%) from scores ``i2t (Ni, Nt)`` and ``t2i (Nt, Ni)``; ``text_image[j]`` is the
-    image of text ``j`` (several texts per image allowed). An image counts as found at rank r
-    when its best-ranked own text is within r (BLIP's ``itm_eval``)."""
-    owner = torch.as_tensor(list(text_image), device=i2t.device)
-    rank_of = i2t.argsort(1, descending=True).argsort(1)  # (Ni, Nt) rank of each text
-    own = owner[None, :] == torch.arange(i2t.shape[0], device=i2t.device)[:, None]
-    img_rank = rank_of.masked_fill(~own, i2t.shape[1]).amin(1)
-    txt_rank = t2i.argsort(1, descending=True).argsort(1).gather(1, owner[:, None])[:, 0]
-    out = {}
-    for k in ks:
-        out[f"txt_r{k}"] = 100.0 * float((img_rank < k).float().mean())
-    for k in ks:
-        out[f"img_r{k}"] = 100.0 * float((txt_rank < k).float().mean())
-    out["r_mean"] = sum(out.values()) / len(out)
-    return out
+    """BLIP's ``itm_eval``: an image's rank is that of its best-ranked own text; a text's rank is
+    that of its image; ties broken as numpy's ``argsort(...)[::-1]`` breaks them."""
+    ranks = np.zeros(scores_i2t.shape[0])
+    for index, score in enumerate(scores_i2t):
+        inds = np.argsort(score)[::-1]
+        ranks[index] = min(np.where(inds == i)[0][0] for i in img2txt[index])
+    tr = [100.0 * len(np.where(ranks < k)[0]) / len(ranks) for k in (1, 5, 10)]
+    ranks = np.zeros(scores_t2i.shape[0])
+    for index, score in enumerate(scores_t2i):
+        inds = np.argsort(score)[::-1]
+        ranks[index] = np.where(inds == txt2img[index])[0][0]
+    ir = [100.0 * len(np.where(ranks < k)[0]) / len(ranks) for k in (1, 5, 10)]
+    tr_mean, ir_mean = sum(tr) / 3, sum(ir) / 3
+    values = [*tr, tr_mean, *ir, ir_mean, (tr_mean + ir_mean) / 2]
+    return dict(zip(METRICS, values, strict=True))
 
 
 @torch.no_grad()
-def retrieval_eval(
-    model,
-    processor,
-    images,
-    texts: Sequence[str],
-    k_test: int = 16,
-    text_image: Sequence[int] | None = None,
-    feeder: Callable | None = None,
-    batch_size: int = 32,
-) -> dict[str, float]:
-    """Image-text retrieval R@1/5/10 both ways: ITC similarities, top ``k_test`` re-ranked by ITM.
-
-    Args:
-        model: a PrismerModel whose head is ``blip``.
-        processor: its Processor.
-        images: ``N_i`` image paths / PIL images / arrays, or a ``(N_i, 3, S, S)`` tensor.
-        texts: ``N_t`` captions.
-        text_image: image index of each text; default text ``j`` belongs to image ``j``.
-        feeder: ``(pixels, ids) -> expert inputs``; default runs the enabled experts on the fly.
-    """
-    objective = model.objective
-    if not isinstance(objective, BLIPObjective):
-        raise ValueError(
-            f"retrieval needs a model trained with head 'blip', not {model.config.head!r}"
-        )
-    text_image = list(range(len(texts))) if text_image is None else list(text_image)
-    if len(text_image) != len(texts):
-        raise ValueError(f"{len(texts)} texts but {len(text_image)} text->image indices")
-    model.eval()
-    device = next(model.parameters()).device
-    pixels = images if isinstance(images, Tensor) else processor.images(images)
-    if feeder is None:
-        from prismkit.core.host import get_plugin_manager
-        from prismkit.labels.feeder import ExpertFeeder
-
-        feeder = ExpertFeeder(model, get_plugin_manager(), compute_missing=True)
-    if max(text_image) >= pixels.shape[0] or min(text_image) < 0:
-        raise ValueError(f"text_image names images outside 0..{pixels.shape[0] - 1}")
-    vision, image_feat = [], []
-    for i in range(0, pixels.shape[0], batch_size):
-        px = pixels[i : i + batch_size].to(device)
-        v = model.encode_image(px, feeder(px, [f"image-{n}" for n in range(i, i + px.shape[0])]))
-        vision.append(v)
-        image_feat.append(objective.image_features(v))
-    vision_t, image_t = torch.cat(vision), torch.cat(image_feat)
-    enc = processor.encode([""] * len(texts), list(texts))
-    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    text_t = torch.cat(
+def evaluate(
+    scorer: Scorer,
+    pixels: Tensor,
+    ids: Tensor,
+    mask: Tensor,
+    text_image: Sequence[int],
+    k_test: int = 256,
+    batch_size: int = 64,
+) -> RetrievalResult:
+    """``pixels (N_img, ...)`` as ``scorer.image_embeds`` takes them, texts ``ids, mask
+    (N_txt, T)`` with [CLS] first; ``text_image[t]`` is the image of text ``t`` (several texts
+    per image allowed). ``k_test`` is capped at the number of candidates."""
+    n_img, n_txt = pixels.shape[0], ids.shape[0]
+    if len(text_image) != n_txt:
+        raise ValueError(f"{n_txt} texts but {len(text_image)} text->image indices")
+    if min(text_image) < 0 or max(text_image) >= n_img:
+        raise ValueError(f"text_image names images outside 0..{n_img - 1}")
+    text_feat = torch.cat(
         [
-            objective.text_features(model, ids[i : i + batch_size], mask[i : i + batch_size])
-            for i in range(0, len(texts), batch_size)
+            scorer.text_feat(ids[i : i + batch_size], mask[i : i + batch_size])
+            for i in range(0, n_txt, batch_size)
         ]
     )
-    sim = image_t @ text_t.t()  # (Ni, Nt)
+    embeds = torch.cat(
+        [scorer.image_embeds(pixels[i : i + batch_size]) for i in range(0, n_img, batch_size)]
+    )
+    image_feat = scorer.image_feat(embeds)
+    sims = image_feat @ text_feat.t()
 
-    def itm(img: Tensor, txt: Tensor) -> Tensor:
-        return objective.itm_logits(model, ids[txt], mask[txt], vision_t[img])[:, 1]
+    def rerank(sim: Tensor, image_of, text_of) -> tuple[Tensor, Tensor, Tensor]:
+        k = min(k_test, sim.shape[1])
+        top_sim, top_idx = sim.topk(k, dim=1)
+        q = torch.arange(sim.shape[0], device=sim.device).repeat_interleave(k)
+        c = top_idx.reshape(-1)
+        logits = []
+        for i in range(0, q.numel(), batch_size):
+            qi, ci = q[i : i + batch_size], c[i : i + batch_size]
+            img, txt = image_of(qi, ci), text_of(qi, ci)
+            logits.append(scorer.itm_logits(ids[txt], mask[txt], embeds[img]))
+        logits_t = torch.cat(logits).view(sim.shape[0], k, 2)
+        score = torch.full_like(sim, -100.0)
+        score.scatter_(1, top_idx, logits_t[..., 1] + top_sim)
+        return top_idx, logits_t, score
 
-    i2t = rerank(sim, k_test, itm, batch_size)
-    t2i = rerank(sim.t(), k_test, lambda t, i: itm(i, t), batch_size)
-    return recall_at_k(i2t, t2i, text_image)
+    i2t_idx, i2t_logits, score_i2t = rerank(sims, lambda q, c: q, lambda q, c: c)
+    t2i_idx, t2i_logits, score_t2i = rerank(sims.t(), lambda q, c: c, lambda q, c: q)
+    img2txt = [[t for t, i in enumerate(text_image) if i == n] for n in range(n_img)]
+    if any(not texts for texts in img2txt):
+        raise ValueError("every image needs at least one text: drop images without captions")
+    metrics = itm_eval(
+        score_i2t.float().cpu().numpy(), score_t2i.float().cpu().numpy(), list(text_image), img2txt
+    )
+    return RetrievalResult(
+        sims, i2t_idx, t2i_idx, i2t_logits, t2i_logits, score_i2t, score_t2i, metrics
+    )

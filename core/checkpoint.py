@@ -1,4 +1,5 @@
-"""Checkpoints: safetensors of the trainable weights, with the resolved config and plugin versions."""
+"""Checkpoints: safetensors of what the architecture's ``checkpoint_state()`` holds (trainable
+weights and training state), with the resolved config and plugin versions."""
 
 from __future__ import annotations
 
@@ -11,50 +12,21 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from prismkit.core.config import NO_WEIGHTS, ModelConfig
+from prismkit.core.config import ModelConfig
 from prismkit.core.host import PluginHost, get_plugin_manager
 from prismkit.core.io import atomic_write
-from prismkit.core.model import PrismerModel, create_model
+from prismkit.core.model import create_model
 
 FORMAT = "prismkit-checkpoint-1"
 
 
-def checkpoint_state(model: PrismerModel) -> dict[str, torch.Tensor]:
-    """Weights a checkpoint must hold: the trainable ones, plus frozen ones that no pretrained
-    source can restore (a backbone with ``pretrained = None``, a stem with ``stem_pretrained =
-    "none"``), plus the statistics of BatchNorm layers that train (expert stems, a stem trained
-    from scratch)."""
-    vc, lc = model.config.vision, model.config.language
-    unsourced = []
-    if not vc.pretrained:
-        unsourced.append("vision.")
-    if not lc.pretrained:
-        unsourced.append("language.")
-    stem_unsourced = vc.stem_pretrained == NO_WEIGHTS
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    bn_stats = {
-        f"{name}.{b}" if name else b
-        for name, m in model.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        and any(p.requires_grad for p in m.parameters())
-        for b, _ in m.named_buffers(recurse=False)
-    }
-    state = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        # a stem that loads its own pretrained trunk needs no copy in the checkpoint
-        cnn_trunk = name.startswith("vision.stem.") and not model.vision.stem.weights_in_backbone
-        if (
-            id(t) in trainable
-            or name in bn_stats
-            or (name.startswith(tuple(unsourced)) and not cnn_trunk)
-            or (cnn_trunk and stem_unsourced)
-        ):
-            state[name] = t.detach().contiguous().cpu()
-    return state
+def checkpoint_state(model) -> dict[str, torch.Tensor]:
+    """What a checkpoint of ``model`` holds: its architecture's ``checkpoint_state()``."""
+    return model.checkpoint_state()
 
 
 def save_checkpoint(
-    model: PrismerModel,
+    model: nn.Module,
     path: str | Path,
     host: PluginHost | None = None,
     extra: dict[str, Any] | None = None,
@@ -90,31 +62,55 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    path: str | Path, host: PluginHost | None = None, stage: str = "pretrain"
-) -> PrismerModel:
-    """Rebuild the model from the stored config, load its pretrained sources, then the checkpoint."""
+    path: str | Path,
+    host: PluginHost | None = None,
+    stage: str = "pretrain",
+    overrides: list[str] | None = None,
+):
+    """Rebuild the model from the stored config (with ``a.b=value`` overrides, e.g.
+    ``vision.image_size=480`` to fine-tune at another resolution: the positional embedding is
+    interpolated), load its pretrained sources, then the checkpoint."""
+    from prismkit.core.config import apply_override
+    from prismkit.core.preflight import require_weights
+
     meta = read_metadata(path)
-    config = ModelConfig.from_dict(meta["config"], f"{path} (metadata)")
+    data = meta["config"]
+    for item in overrides or []:
+        apply_override(data, item, "--set")
+    config = ModelConfig.from_dict(data, f"{path} (metadata)")
+    host = host or get_plugin_manager()
+    require_weights(config, host, experts=False)
     model = create_model(config, host, pretrained=True)
     model.freeze(stage)
     load_weights(model, path)
     return model
 
 
-def load_weights(model: PrismerModel, path: str | Path) -> None:
+def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a checkpoint's tensors into ``model``; every stored key must fit (names and shapes),
-    and every trainable weight of the model must be in the checkpoint."""
+    and everything the model's ``checkpoint_state()`` holds (trainable weights, training state)
+    must be in the checkpoint."""
     from safetensors.torch import load_file
 
     state = load_file(str(path))
     own = model.state_dict()
     unexpected = sorted(set(state) - set(own))
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    missing = sorted(trainable - set(state))
+    missing = sorted(set(model.checkpoint_state()) - set(state))
     if unexpected or missing:
         raise ValueError(
             f"checkpoint {path} does not fit this model: unexpected {unexpected[:5]}, missing {missing[:5]}"
         )
+    pos = "vision.position_embedding"
+    if (
+        pos in state
+        and state[pos].shape != own[pos].shape
+        and state[pos].shape[1:] == own[pos].shape[1:]
+    ):
+        # another resolution: bicubic interpolation of the grid, as the reference does when it
+        # fine-tunes a 224 px checkpoint at 480 px
+        from prismkit.core.vision.vit import resize_pos_embed
+
+        state[pos] = resize_pos_embed(state[pos], model.vision.grid)
     for k, v in state.items():
         if v.shape != own[k].shape:
             raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import types
 import typing
@@ -35,6 +36,9 @@ class VisionConfig:
     stem_pretrained: str | None = None
     # input resolution (square), pixels
     image_size: int = 224
+    # side the expert label maps are resized to (nearest) whatever image_size is (Prismer: 224);
+    # unset = image_size
+    expert_size: int | None = None
     # stride of the stem: one token per patch_size x patch_size pixels
     patch_size: int = 16
     # transformer width
@@ -49,10 +53,12 @@ class VisionConfig:
     act: str = "quick_gelu"
     # LayerNorm epsilon
     eps: float = 1e-5
-    # freeze the transformer blocks (True for a pretrained CLIP ViT)
+    # freeze the transformer blocks (attention, MLP and their LayerNorms; True for a pretrained
+    # CLIP ViT); adaptors, ln_pre/ln_post and positions always train
     frozen: bool = True
-    # freeze the image stem
-    stem_frozen: bool = True
+    # freeze the image stem; unset = the stem's own default (Prismer trains the RGB patch conv, a
+    # pretrained CNN trunk stays frozen)
+    stem_frozen: bool | None = None
     # per-channel normalisation of RGB in [0, 1]
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -82,8 +88,19 @@ class LanguageConfig:
     type_vocab_size: int = 1
     # LayerNorm epsilon
     eps: float = 1e-5
+    # padding token id (RoBERTa numbers positions around it); None = the backbone's default
+    pad_token_id: int | None = None
+    # dropout on embeddings and sub-layer outputs while training (RoBERTa: 0.1)
+    dropout: float = 0.1
+    # dropout on attention probabilities while training (RoBERTa: 0.1)
+    attention_dropout: float = 0.1
+    # one more layer (self-attention + FFN, no cross-attention) after the last one (Prismer)
+    output_layer: bool = True
     # freeze the pretrained weights (pre-training); False fine-tunes the whole language model
     frozen: bool = True
+    # special tokens added to the tokenizer (``tokenizer.add_special_tokens``), e.g. BLIP's
+    # ``{ bos_token = "[DEC]", additional_special_tokens = ["[ENC]"] }``; ids follow the vocabulary
+    special_tokens: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -102,28 +119,56 @@ class ResamplerConfig:
 class AdaptorConfig:
     # registered adaptor
     name: str = "residual"
-    # bottleneck width = ratio * model width
-    ratio: float = 0.5
+    # bottleneck width = ratio * model width (Prismer: 1)
+    ratio: float = 1.0
+    # activation between the two projections (Prismer: squared ReLU)
+    act: str = "squared_relu"
+    # start the up-projection at zero (not the reference: its adaptors start random); with a
+    # pre-norm adaptor the frozen backbone is then unchanged at initialisation
+    zero_init: bool = False
+
+
+@dataclass
+class TextConfig:
+    # prompt of captions in training and generation ("A picture of" fine-tuned, "" zero-shot)
+    caption_prompt: str = "A picture of"
+    # Prismer's text clean-up: first letter upper-cased and the rest lower-cased, the characters
+    # . ! " ( ) * # : ; ~ replaced by spaces, repeated spaces collapsed; questions end with "?"
+    normalize: bool = True
+    # words kept of a caption (prompt included) and of a question
+    max_words: int = 30
+    # tokens kept of a caption with BOS/EOS, and of a question with BOS (tokenizer truncation)
+    caption_tokens: int = 30
+    question_tokens: int = 35
 
 
 @dataclass
 class ModelConfig:
     # display name
     name: str = "prismer"
+    # registered architecture (``register_architectures``) that builds the model
+    architecture: str = "prismer"
     vision: VisionConfig = field(default_factory=VisionConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     # enabled experts by registered name; empty = PrismerZ (RGB only)
     experts: list[str] = field(default_factory=list)
     resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
     adaptor: AdaptorConfig = field(default_factory=AdaptorConfig)
-    # hidden channels of the expert conv stems
-    stem_channels: int = 64
+    text: TextConfig = field(default_factory=TextConfig)
+    # learned instance embeddings added per instance of an instance expert (detection)
+    instance_embeddings: int = 128
+    # label features of semantic experts: a Prismer label space (prismkit convert prismer-labels)
+    # or a prismkit PCA file (prismkit experts fit-pca); unset = the default PCA
+    label_space: str | None = None
     # registered head/objective
     head: str = "lm"
     # keyword options of the head (e.g. BLIP's queue_size, momentum, alpha)
     head_options: dict[str, Any] = field(default_factory=dict)
     # label smoothing of the next-token loss
     label_smoothing: float = 0.1
+    # "sample_sum": token losses summed per sequence, then averaged over the batch (Prismer);
+    # "token_mean": averaged over every target token of the batch
+    loss_reduction: str = "sample_sum"
     # longest text (prompt + target) in tokens, including BOS/EOS
     max_text_len: int = 40
 
@@ -136,7 +181,46 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> ModelConfig:
-        return _build(cls, data, source, "")
+        config = _build(cls, data, source, "")
+        check_model_config(config, source)
+        return config
+
+
+def check_model_config(config: ModelConfig, source: str = "<config>") -> None:
+    """Sizes that must be positive and widths that heads must divide; ``ConfigError`` naming the
+    field and the fix otherwise (instead of a ZeroDivisionError deep in a layer)."""
+    positive = {
+        "vision.image_size": config.vision.image_size,
+        "vision.patch_size": config.vision.patch_size,
+        "vision.width": config.vision.width,
+        "vision.heads": config.vision.heads,
+        "language.vocab_size": config.language.vocab_size,
+        "language.width": config.language.width,
+        "language.heads": config.language.heads,
+        "language.intermediate": config.language.intermediate,
+        "language.max_positions": config.language.max_positions,
+        "resampler.latents": config.resampler.latents,
+        "resampler.heads": config.resampler.heads,
+        "instance_embeddings": config.instance_embeddings,
+        "max_text_len": config.max_text_len,
+    }
+    for where, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{source}: field {where} must be at least 1, got {value}")
+    for where, value in {
+        "vision.layers": config.vision.layers,
+        "language.layers": config.language.layers,
+        "resampler.layers": config.resampler.layers,
+    }.items():
+        if value < 0:
+            raise ConfigError(f"{source}: field {where} must be 0 or more, got {value}")
+    for part in ("vision", "language"):
+        c = getattr(config, part)
+        if c.width % c.heads:
+            raise ConfigError(
+                f"{source}: field {part}.heads ({c.heads}) must divide {part}.width "
+                f"({c.width}): pick a divisor of {c.width}"
+            )
 
 
 def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
@@ -247,3 +331,34 @@ def register_config_folder(register, folder: str | Path) -> None:
     ``register_model_configs`` hook: ``register_config_folder(register, CONFIG_DIR)``)."""
     for path in sorted(Path(folder).glob("*.toml")):
         register(path.stem, path)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return (
+            "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        )
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """A config dict (``ModelConfig.to_dict()``) as TOML that ``load_config`` reads back; None
+    values are left out (they are the defaults)."""
+    lines = [
+        f"{k} = {_toml_value(v)}"
+        for k, v in data.items()
+        if v is not None and not isinstance(v, dict)
+    ]
+    for k, v in data.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"]
+            lines += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if vv is not None]
+    return "\n".join(lines) + "\n"

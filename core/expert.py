@@ -55,6 +55,15 @@ class Expert(ABC):
     # "detection" (the classes of detected objects) or "classifier" (image-level classes);
     # None: no tags. Consumers choose an expert by this capability, never by its name.
     tag_source: ClassVar[Literal["detection", "classifier"] | None] = None
+    # experts with the same stem_group share one conv stem in the model (Prismer shares one
+    # between its segmentation experts: "seg"); None = a stem of its own, named after the expert
+    stem_group: ClassVar[str | None] = None
+    # semantic experts whose label indices are object instances (1..K per image, 0 = background):
+    # the model adds one of its learned instance embeddings per instance (Prismer's detection)
+    instances: ClassVar[bool] = False
+    # the label table of Prismer's label space its names come from ("coco", "ade", "detection");
+    # None = free text (embedded by the text encoder, as OCR words are)
+    label_table: ClassVar[str | None] = None
 
     def __init__(self, *, weights: str | None = None, device: str | torch.device = "cpu") -> None:
         self.weights = weights

@@ -34,6 +34,14 @@ def register_experts(register: Callable[[type], None]) -> None:
 
 
 @hookspec
+def register_architectures(register: Callable[[type], None]) -> None:
+    """Register model architectures: ``register(PrismerModel)``. An architecture is an
+    ``nn.Module`` class with a ``name`` and ``from_config(config, host)``, and the methods of
+    ``prismkit.core.architecture.Architecture`` (the engine, checkpoints and ``describe`` use
+    nothing else); ``ModelConfig.architecture`` picks one by name."""
+
+
+@hookspec
 def register_image_stems(register: Callable[[type], None]) -> None:
     """Register image stems (``prismkit.core.vision.ImageStem`` subclasses) that turn an RGB batch
     ``(B, 3, H, W)`` into a feature grid ``(B, D, H/s, W/s)``: ``register(PatchStem)``."""
@@ -48,13 +56,16 @@ def register_vision_backbones(register: Callable[[type], None]) -> None:
 @hookspec
 def register_language_backbones(register: Callable[[type], None]) -> None:
     """Register language backbones (``prismkit.core.language.TextDecoder`` subclasses) run as
-    causal decoders with cross-attention: ``register(RobertaDecoder)``."""
+    causal decoders with cross-attention: ``register(RobertaDecoder)``. Constructor:
+    ``cls(config=LanguageConfig, adaptor=factory, vision_width=int)``."""
 
 
 @hookspec
 def register_adaptors(register: Callable[[type], None]) -> None:
     """Register residual adaptors inserted in every vision block and language layer:
-    ``register(ResidualAdaptor)``. Constructor: ``cls(width=..., hidden=...)``."""
+    ``register(ResidualAdaptor)``. Constructor: ``cls(width=..., hidden=..., act=...,
+    post_norm=..., zero_init=..., eps=...)`` (``post_norm``: ``LN(x + f(x))``, the language side).
+    """
 
 
 @hookspec

@@ -20,6 +20,7 @@ DEFAULT_PLUGINS_TOML = Path(__file__).resolve().parent.parent / "plugins.toml"
 
 # Registry kinds, each filled by one hook.
 KINDS: dict[str, str] = {
+    "architectures": "register_architectures",
     "experts": "register_experts",
     "image_stems": "register_image_stems",
     "vision_backbones": "register_vision_backbones",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +18,27 @@ from prismkit.core.heads import IGNORE
 
 ImageLike = str | Path | Image.Image | np.ndarray | Tensor
 
+_PUNCTUATION = re.compile(r"([.!\"()*#:;~])")
+
+
+def pre_caption(caption: str, max_words: int = 50) -> str:
+    """The reference's caption clean-up: capitalise (first letter upper, rest lower), the
+    characters ``.!"()*#:;~`` to spaces, repeated spaces collapsed, stripped, ``max_words`` kept."""
+    caption = _PUNCTUATION.sub(" ", caption.capitalize())
+    caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
+    words = caption.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else caption
+
+
+def pre_question(question: str, max_words: int = 50) -> str:
+    """The reference's question clean-up: as :func:`pre_caption` (without collapsing spaces), and
+    a question mark appended when missing."""
+    question = _PUNCTUATION.sub(" ", question.capitalize()).strip()
+    words = question.split(" ")
+    if len(words) > max_words:
+        question = " ".join(words[:max_words])
+    return question if question.endswith("?") else question + "?"
+
 
 def load_image(source: ImageLike) -> Tensor:
     """One image -> ``(3, H, W)`` float32 RGB in [0, 1]. Files honour EXIF rotation; grayscale,
@@ -26,6 +48,11 @@ def load_image(source: ImageLike) -> Tensor:
             with Image.open(source) as im:
                 im.load()
                 source = ImageOps.exif_transpose(im)
+        except Image.DecompressionBombError as e:
+            raise ValueError(
+                f"image {source}: too large to decode safely ({e}): downscale it, or raise "
+                f"PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
+            ) from None
         except (OSError, SyntaxError) as e:
             raise ValueError(f"image {source}: cannot be read ({e})") from None
     if isinstance(source, Image.Image):
@@ -52,6 +79,13 @@ def load_image(source: ImageLike) -> Tensor:
     raise TypeError(f"cannot read an image from {type(source).__name__}")
 
 
+def drop_empty(texts: Sequence[str]) -> tuple[list[int], int]:
+    """Indices of the texts that hold more than whitespace, and how many were dropped: data
+    captions that are empty are skipped (and counted in a run's report), never fatal."""
+    kept = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+    return kept, len(texts) - len(kept)
+
+
 class Processor:
     """Tokenizer + image resizing for one model config."""
 
@@ -67,6 +101,13 @@ class Processor:
         self.pad = tokenizer.pad_token_id
         if None in (self.bos, self.eos, self.pad):
             raise ValueError("tokenizer needs BOS/CLS, EOS/SEP and PAD tokens")
+        if len(tokenizer) > config.language.vocab_size:
+            raise ValueError(
+                f"config {config.name!r}: the tokenizer ({getattr(tokenizer, 'name_or_path', '?')}) "
+                f"has {len(tokenizer)} tokens but language.vocab_size is "
+                f"{config.language.vocab_size}: use the language model's own tokenizer "
+                f"(language.tokenizer) or a vocab_size of at least {len(tokenizer)}"
+            )
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> Processor:
@@ -77,7 +118,15 @@ class Processor:
             raise ValueError(
                 "language.tokenizer (or language.pretrained) must name a tokenizer folder or hub id"
             )
-        return cls(AutoTokenizer.from_pretrained(weights.resolve(source)), config)
+        tokenizer = AutoTokenizer.from_pretrained(weights.resolve(source))
+        if config.language.special_tokens:
+            tokenizer.add_special_tokens(dict(config.language.special_tokens))
+        if len(tokenizer) > config.language.vocab_size:
+            raise ValueError(
+                f"tokenizer {source} has {len(tokenizer)} tokens but language.vocab_size is "
+                f"{config.language.vocab_size}: raise vocab_size or fix language.special_tokens"
+            )
+        return cls(tokenizer, config)
 
     def images(self, images: Sequence[ImageLike]) -> Tensor:
         """``(B, 3, S, S)`` float32 in [0, 1], resized (bicubic, antialiased) to the model's size."""
@@ -96,53 +145,179 @@ class Processor:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _check_len(self, n: int, text: str) -> None:
-        limit = self.config.max_text_len
+    def _check_len(self, n: int, text: str, limit: int | None = None) -> None:
+        limit = self.config.max_text_len if limit is None else limit
         if n > limit:
             raise ValueError(
                 f"text {text[:60]!r} is {n} tokens with BOS/EOS; the model takes at most {limit}: shorten it or raise max_text_len"
             )
 
-    def encode(self, prompts: Sequence[str], targets: Sequence[str]) -> dict[str, Tensor]:
-        """Training batch: ``[BOS] prompt target [EOS]`` right-padded; labels -100 on BOS,
-        prompt and padding so only the target is learned."""
+    # -- Prismer's text formats ---------------------------------------------------------------
+    def caption_text(self, prompt: str, caption: str) -> str:
+        """The one string a caption is tokenised as: ``prompt + " " + caption`` through the
+        reference's ``pre_caption`` when ``text.normalize`` (first letter upper-cased and the rest
+        lower-cased, ``.!"()*#:;~`` replaced by spaces, spaces collapsed, ``max_words`` kept)."""
+        text = f"{prompt} {caption}" if prompt else caption
+        return (
+            pre_caption(text, self.config.text.max_words)
+            if self.config.text.normalize
+            else text.strip()
+        )
+
+    def question_text(self, question: str) -> str:
+        """A question as the reference feeds it (``pre_question``, then capitalised)."""
+        if not self.config.text.normalize:
+            return question.strip()
+        return pre_question(question, self.config.text.max_words).capitalize()
+
+    def answer_text(self, answer: str) -> str:
+        """An answer as the reference appends it: ``" " + answer.capitalize()`` (the leading space
+        gives the first word its byte-level BPE space marker)."""
+        return " " + (answer.strip().capitalize() if self.config.text.normalize else answer.strip())
+
+    def _caption_row(
+        self, prompt: str, caption: str, limit: int | None = None
+    ) -> tuple[list[int], list[int]]:
+        """``[BOS] prompt caption [EOS]`` tokenised as one string and its labels (-100 on BOS
+        and the prompt); cut to ``limit`` tokens when given (captions that are data)."""
+        text = self.caption_text(prompt, caption)
+        ids = self._ids(text)
+        if limit is not None:
+            ids = ids[: limit - 2]
+        seq = [self.bos, *ids, self.eos]
+        if prompt and self.config.text.normalize:
+            prompt = pre_caption(prompt, self.config.text.max_words)
+        n_prompt = 1 + (len(self._ids(prompt)) if prompt else 0)
+        labels = [IGNORE] * n_prompt + seq[n_prompt:]
+        if len(labels) > len(seq) or n_prompt >= len(seq) - 1:
+            raise ValueError(f"caption {caption[:60]!r} leaves no target tokens after the prompt")
+        return seq, labels[: len(seq)]
+
+    def encode(
+        self,
+        prompts: Sequence[str],
+        targets: Sequence[str],
+        tasks: Sequence[str] | None = None,
+        weights: Sequence[float] | None = None,
+        truncate: bool = False,
+        max_len: int | None = None,
+    ) -> dict[str, Tensor]:
+        """A training batch, in the reference's formats; right-padded.
+
+        ``"caption"`` rows: ``[BOS] prompt target [EOS]`` tokenised as ONE string (so the first
+        target word carries its leading space with byte-level BPE, as the reference's
+        ``tokenizer("A picture of " + caption)``), cut to ``text.caption_tokens`` as the
+        reference's tokenizer call cuts captions; labels -100 on BOS, the prompt and padding.
+        ``"vqa"`` rows (``prompts`` are questions): the question block ``[BOS] question`` (cut to
+        ``text.question_tokens``, right-padded to the batch's longest question, as the reference
+        pads it) followed by the answer block ``" Answer" [EOS]``; labels on the answer only.
+
+        ``max_len`` (default ``config.max_text_len``) bounds each row, BOS and EOS included: a
+        longer row is refused (text a user typed), unless ``truncate`` (captions that are data:
+        web captions, corpus sentences; BLIP cuts them to 30 or 35 tokens), which cuts the tail
+        and keeps EOS. Empty targets are refused either way: drop them first (:func:`drop_empty`).
+        Returns ``input_ids``, ``attention_mask``, ``labels`` and, when given, ``weights``.
+        """
         if len(prompts) != len(targets):
             raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-        seqs, labs = [], []
-        for p, t in zip(prompts, targets, strict=True):
+        limit = self.config.max_text_len if max_len is None else max_len
+        if limit < 3:
+            raise ValueError(f"max_len must leave room for BOS, one token and EOS; got {limit}")
+        tasks = list(tasks) if tasks is not None else ["caption"] * len(prompts)
+        for i, t in enumerate(targets):
             if not t.strip():
-                raise ValueError(f"empty target text for prompt {p!r}")
-            pi, ti = self._ids(p) if p else [], self._ids(t)
-            seq = [self.bos, *pi, *ti, self.eos]
-            self._check_len(len(seq), p + " " + t)
-            seqs.append(seq)
-            labs.append([IGNORE] * (1 + len(pi)) + [*ti, self.eos])
-        n = max(map(len, seqs))
-        ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
-        labels = torch.full((len(seqs), n), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(seqs), n), dtype=torch.long)
-        for i, (s, lab) in enumerate(zip(seqs, labs, strict=True)):
-            ids[i, : len(s)] = torch.tensor(s)
-            labels[i, : len(lab)] = torch.tensor(lab)
-            mask[i, : len(s)] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+                raise ValueError(
+                    f"empty target text (sample {i}, prompt {prompts[i]!r}): drop empty captions "
+                    "first (prismkit.core.processor.drop_empty)"
+                )
+        # data captions: cut as the reference's tokenizer call (``text.caption_tokens``) unless
+        # the caller names its own bound
+        cut = None
+        if truncate:
+            cut = min(self.config.text.caption_tokens, limit) if max_len is None else limit
+        qlen = self.config.text.question_tokens
+        questions = {
+            i: [self.bos, *self._ids(self.question_text(prompts[i]))][:qlen]
+            for i, task in enumerate(tasks)
+            if task == "vqa"
+        }
+        qwidth = max((len(q) for q in questions.values()), default=0)
+        rows: list[tuple[list[int], list[int], list[int]]] = []
+        for i, (prompt, target, task) in enumerate(zip(prompts, targets, tasks, strict=True)):
+            if task == "vqa":
+                q = questions[i]
+                a = [*self._ids(self.answer_text(target)), self.eos]
+                if truncate and len(q) + len(a) > limit:
+                    a = [*a[: max(1, limit - len(q) - 1)], self.eos]
+                pad = [self.pad] * (qwidth - len(q))
+                seq = q + pad + a
+                mask = [1] * len(q) + [0] * len(pad) + [1] * len(a)
+                labels = [IGNORE] * qwidth + a
+            elif task == "caption":
+                seq, labels = self._caption_row(prompt, target, cut)
+                mask = [1] * len(seq)
+            else:
+                raise ValueError(f"sample {i}: unknown task {task!r}; expected 'caption' or 'vqa'")
+            self._check_len(sum(mask), prompt + " " + target, limit)
+            rows.append((seq, mask, labels))
+        n = max(len(r[0]) for r in rows)
+        ids = torch.full((len(rows), n), self.pad, dtype=torch.long)
+        labels = torch.full((len(rows), n), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, (s_, m_, l_) in enumerate(rows):
+            ids[i, : len(s_)] = torch.tensor(s_)
+            mask[i, : len(m_)] = torch.tensor(m_)
+            labels[i, : len(l_)] = torch.tensor(l_)
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if weights is not None:
+            out["weights"] = torch.tensor(list(weights), dtype=torch.float32)
+        return out
 
-    def prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
-        """Generation prompts ``[BOS] prompt``, left-padded."""
-        seqs = [[self.bos, *(self._ids(p) if p else [])] for p in prompts]
-        for s, p in zip(seqs, prompts, strict=True):
-            self._check_len(len(s), p)
+    def batch(self, samples, truncate: bool = False) -> dict[str, Tensor]:
+        """:meth:`encode` of dataset samples (``prompt``, ``target``, ``task``, ``weight``)."""
+        weights = [s.weight for s in samples]
+        return self.encode(
+            [s.prompt for s in samples],
+            [s.target for s in samples],
+            [s.task for s in samples],
+            weights if any(w != 1.0 for w in weights) else None,
+            truncate=truncate,
+        )
+
+    def _pad(self, seqs: list[list[int]], left: bool = False) -> dict[str, Tensor]:
+        """Token rows -> ``input_ids`` / ``attention_mask`` padded to the longest row."""
         n = max(map(len, seqs))
         ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), n), dtype=torch.long)
         for i, s in enumerate(seqs):
-            ids[i, n - len(s) :] = torch.tensor(s)
-            mask[i, n - len(s) :] = 1
+            cols = slice(n - len(s), n) if left else slice(0, len(s))
+            ids[i, cols] = torch.tensor(s, dtype=torch.long)
+            mask[i, cols] = 1
         return {"input_ids": ids, "attention_mask": mask}
 
+    def prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """Caption generation prompts ``[BOS] prompt`` (the reference tokenises the prompt and
+        drops its EOS), left-padded when they differ in length."""
+        seqs = [[self.bos, *(self._ids(p.strip()) if p.strip() else [])] for p in prompts]
+        for s, p in zip(seqs, prompts, strict=True):
+            self._check_len(len(s), p)
+        return self._pad(seqs, left=True)
+
+    def questions(self, questions: Sequence[str]) -> dict[str, Tensor]:
+        """VQA prompts as the reference builds them: ``[BOS] question`` (no EOS), right-padded."""
+        seqs = [
+            [self.bos, *self._ids(self.question_text(q))][: self.config.text.question_tokens]
+            for q in questions
+        ]
+        return self._pad(seqs)
+
+    def answers(self, answers: Sequence[str]) -> dict[str, Tensor]:
+        """Candidate answers ``" Answer" [EOS]``, right-padded ``(C, A)`` ids and mask."""
+        return self._pad(self.candidates(answers))
+
     def candidates(self, candidates: Sequence[str]) -> list[list[int]]:
-        """Answer candidates as token ids ending in EOS."""
-        return [[*self._ids(c), self.eos] for c in candidates]
+        """Answer candidates as token ids ending in EOS (with the leading space)."""
+        return [[*self._ids(self.answer_text(c)), self.eos] for c in candidates]
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = list(ids)

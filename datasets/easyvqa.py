@@ -28,8 +28,16 @@ class EasyVQA(VLDataset):
     def __init__(self, *, split: str = "train", fraction: float = 1.0, seed: int = 0) -> None:
         q, a, ids, paths, answers = _easy_vqa(split)
         samples = [
-            Sample(paths[i], paths[i], VQA_PROMPT.format(qq), aa, [aa])
-            for qq, aa, i in zip(q, a, ids, strict=True)
+            Sample(
+                paths[i],
+                paths[i],
+                VQA_PROMPT.format(qq),
+                aa,
+                [aa],
+                f"easy-vqa {split} [{n}]",
+                "vqa",
+            )
+            for n, (qq, aa, i) in enumerate(zip(q, a, ids, strict=True))
         ]
         super().__init__(_subset(samples, fraction, seed), answers)
 
@@ -65,5 +73,7 @@ class EasyVQACaptions(VLDataset):
         samples = []
         for i in sorted(set(color) & set(shape)):
             cap = f"a {color[i]} {shape[i]}"
-            samples.append(Sample(paths[i], paths[i], prompt, cap, [cap]))
+            samples.append(
+                Sample(paths[i], paths[i], prompt, cap, [cap], f"easy-vqa {split} image {i}")
+            )
         super().__init__(_subset(samples, fraction, seed))

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from prismkit.core.data import VLDataset, label_key
-from prismkit.core.generation import BeamConfig, beam_search, score_candidates
+from prismkit.core.generation import BeamConfig, beam_search, rank_answers
 from prismkit.core.model import PrismerModel
 from prismkit.core.processor import ImageLike, Processor
+from prismkit.core.progress import Progress
 
 
 def generation_inputs(
@@ -44,11 +46,11 @@ class Predictor:
     def _inputs(
         self,
         images: Sequence[ImageLike] | torch.Tensor,
-        prompts: Sequence[str] | str,
+        text: dict[str, torch.Tensor],
         ids: list[str] | None = None,
     ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Pixels, expert labels and prompts -> :func:`generation_inputs`. One ``prompts``
-        string is used for every image."""
+        """Pixels (+ the feeder's expert labels) and encoded prompts ``text`` (``input_ids``,
+        ``attention_mask``, one row per image) -> :func:`generation_inputs`."""
         device = next(self.model.parameters()).device
         if isinstance(images, torch.Tensor):
             pixels = images
@@ -60,22 +62,40 @@ class Predictor:
         pixels = pixels.to(device)
         b = pixels.shape[0]
         ids = ids or [f"image-{n}" for n in range(b)]
-        prompts = [prompts] * b if isinstance(prompts, str) else list(prompts)
-        if len(prompts) != b:
-            raise ValueError(f"{b} images but {len(prompts)} questions")
-        p = {k: v.to(device) for k, v in self.processor.prompts(prompts).items()}
+        if text["input_ids"].shape[0] != b:
+            raise ValueError(f"{b} images but {text['input_ids'].shape[0]} prompts or questions")
         with torch.no_grad():
             experts = self.feeder(pixels, ids)
             return generation_inputs(
-                self.model, pixels, experts, p["input_ids"], p["attention_mask"]
+                self.model,
+                pixels,
+                experts,
+                text["input_ids"].to(device),
+                text["attention_mask"].to(device),
             )
+
+    @staticmethod
+    def _count(images: Sequence[ImageLike] | torch.Tensor) -> int:
+        return images.shape[0] if isinstance(images, torch.Tensor) else len(images)
 
     @torch.no_grad()
     def caption(
-        self, images, prompt: str = "", cfg: BeamConfig | None = None, ids: list[str] | None = None
+        self,
+        images,
+        prompt: str | None = None,
+        cfg: BeamConfig | None = None,
+        ids: list[str] | None = None,
     ) -> list[str]:
+        """Beam-search captions after ``prompt`` (default: the config's ``text.caption_prompt``;
+        "" for zero-shot models), transformers' semantics (``max_length`` counts the prompt)."""
         self.model.eval()
-        decoder, vision, input_ids, mask = self._inputs(images, prompt, ids)
+        own = getattr(self.model, "caption", None)
+        if own is not None:  # an architecture with its own generation (BLIP): its prompt, lengths
+            pixels = images if isinstance(images, torch.Tensor) else self.processor.images(images)
+            return own(pixels, self.processor, None, num_beams=(cfg or BeamConfig()).beams)
+        prompt = self.processor.config.text.caption_prompt if prompt is None else prompt
+        text = self.processor.prompts([prompt] * self._count(images))
+        decoder, vision, input_ids, mask = self._inputs(images, text, ids)
         out = beam_search(
             decoder,
             vision,
@@ -85,7 +105,9 @@ class Predictor:
             self.processor.pad,
             cfg or BeamConfig(),
         )
-        return [self.processor.decode(o) for o in out]
+        return [
+            self.processor.decode(o) for o in out.new_tokens(self.processor.eos, self.processor.pad)
+        ]
 
     @torch.no_grad()
     def answer(
@@ -93,26 +115,37 @@ class Predictor:
         images,
         questions: Sequence[str],
         candidates: Sequence[str] | None = None,
-        prompt: str = "question: {} answer:",
         top_k: int | None = None,
         ids: list[str] | None = None,
+        cfg: BeamConfig | None = None,
     ) -> list[str]:
-        """Closed-ended (rank ``candidates`` by mean log-likelihood) or open-ended (beam search)."""
+        """Closed-ended: Prismer's ranking of ``candidates`` (the ``top_k`` likeliest by first
+        token, default all, re-scored by label-smoothed mean log-likelihood); open-ended: beam
+        search after the question, as ``PrismerVQA(inference="generate")``: ``max_length`` =
+        question + 10, ``min_length`` = question + 2, ``length_penalty`` -1 unless ``cfg``."""
         self.model.eval()
+        if len(questions) != self._count(images):
+            raise ValueError(f"{self._count(images)} images but {len(questions)} questions")
         decoder, vision, input_ids, mask = self._inputs(
-            images, [prompt.format(q) for q in questions], ids
+            images, self.processor.questions(questions), ids
         )
         if candidates:
-            scores = score_candidates(
+            a = {k: v.to(vision.device) for k, v in self.processor.answers(candidates).items()}
+            ranked = rank_answers(
                 decoder,
                 vision,
                 input_ids,
                 mask,
-                self.processor.candidates(candidates),
-                self.processor.pad,
-                top_k,
+                a["input_ids"],
+                a["attention_mask"],
+                top_k or len(candidates),
+                self.model.config.label_smoothing,
             )
-            return [candidates[j] for j in scores.argmax(-1).tolist()]
+            return [candidates[j] for j in ranked.answer_index.tolist()]
+        width = input_ids.shape[1]
+        cfg = cfg or BeamConfig(
+            beams=3, max_length=width + 10, min_length=width + 2, length_penalty=-1.0
+        )
         out = beam_search(
             decoder,
             vision,
@@ -120,25 +153,38 @@ class Predictor:
             mask,
             self.processor.eos,
             self.processor.pad,
-            BeamConfig(beams=3, max_length=8, min_length=1),
+            cfg,
         )
-        return [self.processor.decode(o) for o in out]
+        return [
+            self.processor.decode(o).lower().strip()
+            for o in out.new_tokens(self.processor.eos, self.processor.pad)
+        ]
 
     @torch.no_grad()
     def classify(
-        self, images, classes: Sequence[str], template: str = "a photo of a {}"
+        self, images, classes: Sequence[str], prompt: str = "A photo of a"
     ) -> torch.Tensor:
-        """``(B, C)`` mean log-likelihood of "a photo of a [CLASS]" for each class."""
+        """``(B, C)`` label-smoothed mean log-likelihood of ``" " + class`` after ``prompt``
+        (Prismer's zero-shot classification ranks "A photo of a [CLASS]")."""
         self.model.eval()
-        decoder, vision, input_ids, mask = self._inputs(images, "")
-        return score_candidates(
+        text = self.processor.prompts([prompt] * self._count(images))
+        decoder, vision, input_ids, mask = self._inputs(images, text)
+        a = {
+            k: v.to(vision.device)
+            for k, v in self.processor.answers([c.lower() for c in classes]).items()
+        }
+        ranked = rank_answers(
             decoder,
             vision,
             input_ids,
             mask,
-            self.processor.candidates([template.format(c) for c in classes]),
-            self.processor.pad,
+            a["input_ids"],
+            a["attention_mask"],
+            len(classes),
+            self.model.config.label_smoothing,
         )
+        scores = torch.full((vision.shape[0], len(classes)), float("-inf"), device=vision.device)
+        return scores.scatter(1, ranked.topk_ids, ranked.scores)
 
 
 def evaluate(
@@ -151,26 +197,30 @@ def evaluate(
     batch_size: int = 32,
 ) -> dict[str, float]:
     """Metrics of ``model`` on ``data``: VQA accuracy (closed-set ranking over the dataset's answer
-    list, and open-ended generation) or caption BLEU-4 / CIDEr-D (beam search)."""
+    list, and open-ended generation) or caption BLEU-4 / ROUGE-L / CIDEr-D, plus METEOR and SPICE
+    when ``cfg.java_metrics`` allows and Java is here (beam search). A progress bar shows on a
+    terminal."""
     from prismkit.engine import metrics
     from prismkit.engine.batching import ImageCache, iter_batches
 
     pred = Predictor(model, processor, feeder)
     images = ImageCache(data, model.config.vision.image_size)
     n = 0
+    total = len(data) if limit is None else min(limit, len(data))
+    bar = Progress(total, f"eval {data.name}", unit="sample")
     if data.task == "vqa":
         closed, opened, refs = [], [], []
         for idx in iter_batches(data, batch_size, limit):
+            bar.update(len(idx))
             samples = [data[i] for i in idx]
             pixels = torch.stack([images(i) for i in idx])
             ids = [label_key(s) for s in samples]
             questions = [s.prompt for s in samples]
-            closed += pred.answer(
-                pixels, questions, data.answer_list, prompt="{}", top_k=cfg.top_k, ids=ids
-            )
-            opened += pred.answer(pixels, questions, None, prompt="{}", ids=ids)
+            closed += pred.answer(pixels, questions, data.answer_list, top_k=cfg.top_k, ids=ids)
+            opened += pred.answer(pixels, questions, None, ids=ids)
             refs += [s.references or [s.target] for s in samples]
             n += len(idx)
+        bar.close()
         return {
             "vqa_accuracy": metrics.vqa_accuracy(closed, refs),
             "vqa_accuracy_open": metrics.vqa_accuracy(opened, refs),
@@ -181,6 +231,7 @@ def evaluate(
         beam = BeamConfig(beams=cfg.beams, max_length=cfg.max_length, min_length=cfg.min_length)
         seen: set[str] = set()
         for idx in iter_batches(data, batch_size, limit):
+            bar.update(len(idx))
             idx = [i for i in idx if data[i].image_id not in seen]  # one caption per image
             if not idx:
                 continue
@@ -194,11 +245,30 @@ def evaluate(
                 preds[s.image_id] = c or "(empty)"
                 refs[s.image_id] = s.references or [s.target]
             n += len(idx)
-        scores = metrics.caption_scores(preds, refs)
-        return {"bleu4": scores["Bleu_4"], "cider": scores["CIDEr"], "samples": float(n)}
+        bar.close()
+        java = _java_metrics(getattr(cfg, "java_metrics", "off"))
+        scores = metrics.caption_scores(preds, refs, java=java)
+        out = {"bleu4": scores["Bleu_4"], "rouge_l": scores["ROUGE_L"], "cider": scores["CIDEr"]}
+        out.update({k.lower(): scores[k] for k in java})
+        return {**out, "samples": float(n)}
     raise ValueError(
         f"dataset {data.name!r} has task {data.task!r}; evaluate supports 'vqa' and 'caption'"
     )
+
+
+def _java_metrics(mode: str) -> tuple[str, ...]:
+    """The Java caption metrics to compute for ``eval.java_metrics`` (auto / on / off); "auto"
+    prints one line naming what is missing and how to get it."""
+    from prismkit.engine.metrics import JAVA_METRICS, java_metrics_missing
+
+    if mode == "off":
+        return ()
+    missing = java_metrics_missing()
+    if missing and mode == "on":
+        raise ValueError("eval.java_metrics = 'on': " + "; ".join(missing.values()))
+    for why in missing.values():
+        print(f'note: {why} (eval.java_metrics="off" silences this)', file=sys.stderr)
+    return tuple(m for m in JAVA_METRICS if m not in missing)
 
 
 def evaluate_datasets(

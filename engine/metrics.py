@@ -1,8 +1,13 @@
-"""Evaluation metrics: COCO captions (BLEU-1..4, CIDEr-D), VQA accuracy, top-k classification.
+"""Evaluation metrics: COCO captions (BLEU-1..4, ROUGE-L, CIDEr-D; METEOR and SPICE through
+pycocoevalcap's Java tools), VQA accuracy, top-k classification.
 
 Pure Python + numpy re-implementations that match the reference tools number for number:
 
-- captions: pycocoevalcap 1.2 (``PTBTokenizer`` -> ``Bleu(4)`` / ``Cider()``), no Java needed;
+- captions: pycocoevalcap 1.2 (``PTBTokenizer`` -> ``Bleu(4)`` / ``Rouge()`` / ``Cider()``), no
+  Java needed. METEOR 1.5 and SPICE 1.0 are Java programs with large models (paraphrase tables,
+  Stanford CoreNLP); they are not re-implemented: :func:`java_caption_scores` runs
+  pycocoevalcap's own jars when Java and pycocoevalcap are installed and says what is missing
+  otherwise;
 - VQA: the official ``vqaEval.py`` of GT-Vision-Lab/VQA (normalisation tables and the
   leave-one-annotator-out average), including its quirks, which are noted where they occur.
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Hashable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -252,15 +258,119 @@ def cider_d(
     return float(np.mean(list(per_id.values()))), per_id
 
 
+def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence of two token lists (pycocoevalcap's ``my_lcs``)."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0] * (len(b) + 1)
+        for j, y in enumerate(b, 1):
+            cur[j] = prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1])
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(
+    predictions: Mapping[K, str], references: Mapping[K, Sequence[str]], beta: float = 1.2
+) -> tuple[float, dict[K, float]]:
+    """ROUGE-L exactly as pycocoevalcap's ``Rouge()`` on *tokenised* captions.
+
+    Per id: the LCS with each reference gives a precision and a recall; the best precision and
+    the best recall (taken separately, over the references) make an F-measure with
+    ``beta = 1.2``. Tokens are split on single spaces, as the reference does (an empty caption
+    is one empty token). Returns the mean over ids and per-id scores.
+    """
+    per_id: dict[K, float] = {}
+    for key, prediction in predictions.items():
+        cand = prediction.split(" ")
+        prec, rec = [], []
+        for ref in references[key]:
+            ref_tokens = ref.split(" ")
+            lcs = _lcs(ref_tokens, cand)
+            prec.append(lcs / len(cand))
+            rec.append(lcs / len(ref_tokens))
+        p, r = max(prec), max(rec)
+        per_id[key] = (1 + beta**2) * p * r / (r + beta**2 * p) if p != 0 and r != 0 else 0.0
+    return float(np.mean(list(per_id.values()))), per_id
+
+
+JAVA_METRICS = ("METEOR", "SPICE")
+
+
+def java_metrics_missing(names: Sequence[str] = JAVA_METRICS) -> dict[str, str]:
+    """Why each of ``names`` (METEOR, SPICE) cannot run here, with the fix; empty when all can."""
+    import importlib.util
+    import shutil
+
+    why: dict[str, str] = {}
+    java = shutil.which("java")
+    spec = importlib.util.find_spec("pycocoevalcap")
+    for name in names:
+        if name not in JAVA_METRICS:
+            raise ValueError(f"unknown Java metric {name!r}; known: {JAVA_METRICS}")
+        if java is None:
+            why[name] = (
+                f"{name} needs Java, which is not on PATH: install a JRE (e.g. "
+                f"`apt install default-jre-headless`) and `pip install pycocoevalcap`"
+            )
+        elif spec is None:
+            why[name] = f"{name} runs pycocoevalcap's jar: `pip install pycocoevalcap`"
+        elif name == "SPICE":
+            lib = Path(list(spec.submodule_search_locations or [""])[0]) / "spice" / "lib"
+            if not (lib / "stanford-corenlp-3.6.0.jar").is_file():
+                why[name] = (
+                    f"SPICE needs Stanford CoreNLP 3.6.0 in {lib} (stanford-corenlp-3.6.0.jar "
+                    f"and -models.jar): run `python -m pycocoevalcap.spice.get_stanford_models` "
+                    f"once with a network"
+                )
+    return why
+
+
+def java_caption_scores(
+    predictions: Mapping[K, str],
+    references: Mapping[K, Sequence[str]],
+    names: Sequence[str] = JAVA_METRICS,
+) -> dict[str, float]:
+    """METEOR and/or SPICE from pycocoevalcap's own Java tools, on *tokenised* captions (as
+    ``COCOEvalCap`` feeds them). Raises ``RuntimeError`` saying what is missing (see
+    :func:`java_metrics_missing`) when a tool cannot run here."""
+    missing = java_metrics_missing(names)
+    if missing:
+        raise RuntimeError("; ".join(missing.values()))
+    keys = list(predictions)
+    ids = {key: str(i) for i, key in enumerate(keys)}  # SPICE sorts ids and writes them to JSON
+    gts = {ids[k]: list(references[k]) for k in keys}
+    res = {ids[k]: [predictions[k]] for k in keys}
+    out: dict[str, float] = {}
+    if "METEOR" in names:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        scorer = Meteor()
+        try:
+            out["METEOR"] = float(scorer.compute_score(gts, res)[0])
+        finally:
+            del scorer  # its __del__ stops the Java process
+    if "SPICE" in names:
+        from pycocoevalcap.spice.spice import Spice
+
+        out["SPICE"] = float(Spice().compute_score(gts, res)[0])
+    return out
+
+
 def caption_scores(
-    predictions: Mapping[K, str], references: Mapping[K, Sequence[str]]
+    predictions: Mapping[K, str],
+    references: Mapping[K, Sequence[str]],
+    java: Sequence[str] = (),
 ) -> dict[str, float]:
     """COCO caption metrics as pycocoevalcap's ``COCOEvalCap`` reports them.
 
     ``predictions`` maps an id to one raw caption; ``references`` maps ids to raw reference
     captions and may hold more ids than ``predictions`` (only predicted ids are scored, as
     COCOEvalCap scores the images of the results file). Both are tokenised with
-    :func:`ptb_tokenize`. Returns ``Bleu_1``..``Bleu_4`` and ``CIDEr`` (CIDEr-D).
+    :func:`ptb_tokenize`. Returns ``Bleu_1``..``Bleu_4``, ``ROUGE_L`` and ``CIDEr`` (CIDEr-D),
+    plus the Java metrics named in ``java`` (``"METEOR"``, ``"SPICE"``; see
+    :func:`java_caption_scores`).
 
     Raises ValueError naming the id for: no predictions, an id without references, an empty
     reference list, or an empty prediction string.
@@ -280,7 +390,10 @@ def caption_scores(
     bleu_scores, _ = bleu(preds, refs, n=4)
     cider, _ = cider_d(preds, refs)
     scores = {f"Bleu_{k + 1}": s for k, s in enumerate(bleu_scores)}
+    scores["ROUGE_L"] = rouge_l(preds, refs)[0]
     scores["CIDEr"] = cider
+    if java:
+        scores.update(java_caption_scores(preds, refs, java))
     return scores
 
 

@@ -11,23 +11,49 @@ import math
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from prismkit.core.checkpoint import load_weights, save_checkpoint
 from prismkit.core.config import ConfigError, ModelConfig, _build
-from prismkit.core.data import build_dataset, label_key
+from prismkit.core.data import build_dataset, image_index, label_key
 from prismkit.core.host import PluginHost, get_plugin_manager
 from prismkit.core.io import atomic_write
 from prismkit.core.model import PrismerModel, create_model
-from prismkit.core.processor import Processor
+from prismkit.core.preflight import require_weights
+from prismkit.core.processor import Processor, drop_empty
+from prismkit.engine.augment import AugmentConfig, augment_batch
 from prismkit.engine.batching import ImageCache, batch_indices
+from prismkit.engine.validate import validate_dataset
 from prismkit.labels.feeder import ExpertFeeder
+
+STAGES = ("pretrain", "finetune")
+PRECISIONS = ("auto", "fp32", "bf16")
+VALIDATE_MODES = ("header", "full", "off")
+# what a run writes into its folder (``--overwrite`` removes these, and nothing else)
+RUN_OUTPUTS = (
+    "last",
+    "last.tmp",
+    "last.old",
+    "model.safetensors",
+    "log.jsonl",
+    "result.json",
+    "curves.png",
+    "tensorboard",
+)
+
+
+class RunExistsError(FileExistsError):
+    """The run folder already holds a run: resume it, overwrite it, or pick another folder."""
 
 
 @dataclass
@@ -51,20 +77,38 @@ class DataConfig:
     text_options: dict[str, Any] = field(default_factory=dict)
     # fraction of each batch taken from text_dataset (SimVLM: 512 of 4,608 = 0.111)
     text_ratio: float = 0.0
+    # augmentation of the image and every expert map together (Prismer's recipe: crop_scale
+    # [0.5, 1], hflip 0.5, randaugment_ops 2, magnitude 5); off by default
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # check every sample before step 0: "header" (image headers, text lengths, labels in the
+    # store), "full" (decode every image too) or "off"
+    validate: str = "header"
 
 
 @dataclass
 class TrainConfig:
     # optimiser steps
     steps: int = 300
+    # > 0: train this many epochs instead (steps = epochs x samples / global batch)
+    epochs: int = 0
     # samples per process per micro-batch
     batch_size: int = 32
     # micro-batches accumulated per optimiser step
     grad_accum: int = 1
     # peak learning rate (AdamW)
     lr: float = 3e-4
-    # AdamW weight decay on matrices (not on norms, biases, embeddings)
+    # AdamW weight decay on matrices (and on norms, biases, embeddings with decay_all)
     weight_decay: float = 0.05
+    # decay every trainable tensor, as the reference's AdamW does
+    decay_all: bool = False
+    # AdamW betas (the reference: PyTorch's defaults 0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.98)
+    # learning rate at the end of the cosine decay; unset = 10% of lr
+    min_lr: float | None = None
+    # learning rate at the start of the warm-up
+    warmup_start_lr: float = 0.0
+    # cosine over epochs instead of steps (the reference's pre-training)
+    cosine_per_epoch: bool = False
     # linear warm-up steps, then cosine decay to 10% of lr
     warmup: int = 30
     # gradient clipping (max global norm)
@@ -83,10 +127,15 @@ class TrainConfig:
     seed: int = 0
     # print/log every this many steps
     log_every: int = 25
-    # write a resumable checkpoint every this many steps (0 = only at the end)
-    save_every: int = 0
-    # where checkpoints, logs and curves go
-    out_dir: str = "runs/default"
+    # a prismkit checkpoint to start from (fine-tuning a pre-trained or converted model; a
+    # different image size interpolates its positions); "" = the config's pretrained backbones
+    init_from: str = ""
+    # write a resumable checkpoint (OUT_DIR/last) every this many steps (0 = only at the end);
+    # Ctrl-C or SIGTERM also writes one before stopping
+    save_every: int = 100
+    # where checkpoints, logs and curves go; "" = runs/<model config>-<date>-<time>. An existing
+    # non-empty folder is refused unless resuming or overwriting
+    out_dir: str = ""
 
 
 @dataclass
@@ -97,6 +146,9 @@ class EvalConfig:
     min_length: int = 8
     # rank only the top_k answers by first token before full scoring (None = all)
     top_k: int | None = None
+    # captions: METEOR and SPICE through pycocoevalcap's Java tools: "auto" (when Java and the
+    # tools are here, else a one-line note), "on" (an error when they are not) or "off"
+    java_metrics: str = "auto"
 
 
 @dataclass
@@ -107,7 +159,56 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<run config>") -> RunConfig:
-        return _build(cls, data, source, "")
+        run = _build(cls, data, source, "")
+        run.check(source)
+        return run
+
+    def check(self, source: str = "<run config>") -> None:
+        """``ConfigError`` naming the field (and its flag) and the fix for a value no run can use."""
+        t, d, e = self.train, self.data, self.eval
+
+        def need(ok: bool, where: str, rule: str, value: Any) -> None:
+            if not ok:
+                flag = (
+                    f" (--{where.split('.', 1)[1].replace('_', '-')})"
+                    if where.startswith("train.")
+                    else ""
+                )
+                raise ConfigError(f"{source}: field {where}{flag} must be {rule}, got {value!r}")
+
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            need(getattr(t, name) >= 1, f"train.{name}", "at least 1", getattr(t, name))
+        for name in ("warmup", "save_every", "eval_questions"):
+            need(getattr(t, name) >= 0, f"train.{name}", "0 or more", getattr(t, name))
+        need(math.isfinite(t.lr) and t.lr > 0, "train.lr", "a positive number", t.lr)
+        need(t.weight_decay >= 0, "train.weight_decay", "0 or more", t.weight_decay)
+        need(t.clip > 0, "train.clip", "a positive number", t.clip)
+        need(t.stage in STAGES, "train.stage", f"one of {STAGES}", t.stage)
+        need(t.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}", t.precision)
+        need(0 < t.fraction <= 1, "train.fraction", "in (0, 1]", t.fraction)
+        need(0 < d.fraction <= 1, "data.fraction", "in (0, 1]", d.fraction)
+        if t.fraction != 1 and d.fraction != 1:
+            raise ConfigError(
+                f"{source}: train.fraction ({t.fraction}) and data.fraction ({d.fraction}) are the "
+                f"same setting: give one"
+            )
+        need(d.workers >= 0, "data.workers", "0 or more", d.workers)
+        need(d.validate in VALIDATE_MODES, "data.validate", f"one of {VALIDATE_MODES}", d.validate)
+        need(e.beams >= 1, "eval.beams", "at least 1", e.beams)
+        need(e.max_length >= 1, "eval.max_length", "at least 1", e.max_length)
+        need(
+            0 <= e.min_length <= e.max_length,
+            "eval.min_length",
+            f"in [0, eval.max_length={e.max_length}]",
+            e.min_length,
+        )
+        need(e.top_k is None or e.top_k >= 1, "eval.top_k", "at least 1 (or unset)", e.top_k)
+        need(
+            e.java_metrics in ("auto", "on", "off"),
+            "eval.java_metrics",
+            "auto, on or off",
+            e.java_metrics,
+        )
 
 
 def peak_memory_mib() -> dict[str, float]:
@@ -123,11 +224,19 @@ def peak_memory_mib() -> dict[str, float]:
     return out
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig, steps_per_epoch: int = 1) -> float:
+    """Linear warm-up from ``warmup_start_lr`` to ``lr`` over ``warmup`` steps, then cosine decay
+    to ``min_lr`` (default 10% of ``lr``) by the last step, or, with ``cosine_per_epoch``, by
+    epoch (the reference's pre-training: the rate changes once an epoch)."""
+    min_lr = 0.1 * cfg.lr if cfg.min_lr is None else cfg.min_lr
     if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        return cfg.warmup_start_lr + (cfg.lr - cfg.warmup_start_lr) * (step + 1) / cfg.warmup
+    if cfg.cosine_per_epoch:
+        epochs = max(1, math.ceil(cfg.steps / steps_per_epoch))
+        progress = (step // steps_per_epoch) / epochs
+    else:
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return min_lr + (cfg.lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def configure_optimizer(model: PrismerModel, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -136,14 +245,17 @@ def configure_optimizer(model: PrismerModel, cfg: TrainConfig) -> torch.optim.Ad
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+            matrix = p.dim() >= 2 and id(p) not in embeddings
+            (decay if matrix or cfg.decay_all else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
     # fused: one kernel per parameter, no temporaries (CPU and CUDA): 42 ms vs 391 ms per step
     # for 98M fp32 parameters on 2 CPU cores
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), fused=True)
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), fused=True
+    )
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -199,6 +311,78 @@ def load_state(
     return state["step"], state["log"]
 
 
+# -- the run folder ----------------------------------------------------------------------------
+def default_out_dir(model_name: str, root: str | Path = "runs") -> Path:
+    """``runs/<model config>-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``, ... if taken): each run its own."""
+    base = Path(root) / f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
+def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to touch an earlier run unless asked: ``resume`` needs its state, a non-empty folder
+    needs ``overwrite`` (which removes the run's own outputs, :data:`RUN_OUTPUTS`, and nothing else)."""
+    if resume and overwrite:
+        raise ValueError("--resume continues a run and --overwrite replaces it: give one")
+    if resume:
+        if not any((out_dir / n / "state.json").exists() for n in ("last", "last.old")):
+            raise FileNotFoundError(
+                f"--resume: no resumable state in {out_dir / 'last'}: give the --out-dir of the "
+                f"run to continue"
+            )
+        return
+    taken = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunExistsError(f"run folder {out_dir} is a file: pick another --out-dir")
+    if not taken:
+        return
+    if not overwrite:
+        shown = ", ".join(taken[:4]) + (f" and {len(taken) - 4} more" if len(taken) > 4 else "")
+        raise RunExistsError(
+            f"run folder {out_dir} is not empty ({shown}): pass --resume to continue that run, "
+            f"--overwrite to replace it, or another --out-dir"
+        )
+    for name in RUN_OUTPUTS:
+        p = out_dir / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+class _StopRequest:
+    """Ctrl-C / SIGTERM during training: the first finishes the current step, then the loop saves
+    a resumable state and stops; a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(
+            f"\n{signal.Signals(signum).name}: stopping after this step and saving a resumable state "
+            f"(Ctrl-C again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
 # -- the loop ----------------------------------------------------------------------------------
 def train(
     model_cfg: ModelConfig,
@@ -206,15 +390,23 @@ def train(
     host: PluginHost | None = None,
     resume: bool = False,
     stop_after: int | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Train ``model_cfg`` as ``run`` says; returns a summary (also written to ``result.json``).
 
+    The run folder (``train.out_dir``; default ``runs/<config>-<date>-<time>``) must be new or
+    empty unless ``resume`` (continue from its ``last/`` state) or ``overwrite`` (replace its
+    outputs). Every sample is checked before step 0 (``data.validate``); each step is appended
+    to ``log.jsonl`` as it happens; a resumable state is saved every ``save_every`` steps and on
+    Ctrl-C / SIGTERM (the summary then has ``"interrupted": "SIGINT"`` or ``"SIGTERM"``).
     ``stop_after`` ends the run after that many steps (as if killed) for resume tests.
     """
     from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
 
     if isinstance(run, TrainConfig):
         run = RunConfig(data=DataConfig(fraction=run.fraction), train=run)
+    run.check()
     cfg, dcfg = run.train, run.data
     host = host or get_plugin_manager()
     cuda = torch.cuda.is_available()
@@ -222,16 +414,41 @@ def train(
     acc = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision, cpu=not cuda
     )
+    if (
+        os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        and acc.distributed_type.value != "FSDP"
+    ):
+        # accelerate 1.15 turns FSDP on only for accelerator devices (GPU, NPU, XPU, ...): on
+        # CPU processes (gloo) it silently runs DDP; say so rather than pretend to shard
+        acc.print(
+            f"warning: FSDP was asked for (ACCELERATE_USE_FSDP) but accelerate runs "
+            f"{acc.distributed_type.value} here: FSDP needs GPUs (or other accelerators); "
+            f"training with full replicas",
+            file=sys.stderr,
+        )
+    # the main process names and checks the run folder; every process gets its answer
+    decision: list[Any] = [None, None]
+    if acc.is_main_process:
+        out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(model_cfg.name)
+        try:
+            prepare_out_dir(out, resume, overwrite)
+            decision = [str(out), None]
+        except (OSError, ValueError) as e:
+            decision = [str(out), e]
+    if acc.num_processes > 1:
+        broadcast_object_list(decision)
+    if decision[1] is not None:
+        raise decision[1]
+    out_dir = Path(decision[0])
+    cfg = replace(cfg, out_dir=str(out_dir))
+    run = replace(run, train=cfg)
+    require_weights(model_cfg, host, experts=not dcfg.labels)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    out_dir = Path(cfg.out_dir)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    model = create_model(model_cfg, host)
-    model.freeze(cfg.stage)
-    model.set_gradient_checkpointing(cfg.gradient_checkpointing)
     processor = Processor.from_config(model_cfg)
     data = build_dataset(
         host.datasets,
@@ -241,6 +458,13 @@ def train(
         seed=cfg.seed,
         **dcfg.options,
     )
+    model = create_model(model_cfg, host)
+    model.freeze(cfg.stage)
+    model.set_gradient_checkpointing(cfg.gradient_checkpointing)
+    # empty captions are data noise: skipped (and counted), never fatal
+    valid, dropped_empty = drop_empty([s.target for s in data.samples])
+    if not valid:
+        raise ValueError(f"dataset {dcfg.dataset!r}: every target text is empty")
     text_data, n_text = None, 0
     if dcfg.text_dataset:
         check_text_only(model, model_cfg, dcfg)
@@ -249,7 +473,26 @@ def train(
             host.datasets, dcfg.text_dataset, "train", seed=cfg.seed, **dcfg.text_options
         )
     feeder = ExpertFeeder(model, host, dcfg.labels)
-    images = ImageCache(data, model_cfg.vision.image_size)
+    if cfg.init_from and not resume:
+        load_weights(model, cfg.init_from)
+    steps_per_epoch = max(
+        1, len(data) // (cfg.batch_size * cfg.grad_accum * max(1, acc.num_processes))
+    )
+    if cfg.epochs > 0:
+        cfg.steps = cfg.epochs * steps_per_epoch
+    if dcfg.validate != "off" or feeder.store is not None:
+        t_check = time.time()
+        validate_dataset(
+            data,
+            processor,
+            images=dcfg.validate,
+            store=feeder.store,
+            experts=[type(feeder.experts[s.name]) for s in feeder.slots],
+            skip_empty=True,
+        )
+        acc.print(f"checked {len(data)} samples in {time.time() - t_check:.1f}s")
+    aug = dcfg.augment
+    images = ImageCache(data, (aug.source_size or model_cfg.vision.image_size))
     opt = configure_optimizer(model, cfg)
     step, log = 0, []
     state_dir = out_dir / "last"
@@ -261,93 +504,143 @@ def train(
     counts = raw.parameter_counts()
     acc.print(
         f"model {model_cfg.name}: {counts['trainable']:,} trainable / {counts['frozen']:,} frozen parameters; "
-        f"{len(data)} training samples ({dcfg.dataset}); {acc.num_processes} process(es); built in {time.time() - t0:.1f}s"
+        f"{len(valid)} training samples ({dcfg.dataset}; {dropped_empty} empty targets dropped); "
+        f"{acc.num_processes} process(es); run folder {out_dir}; built in {time.time() - t0:.1f}s"
     )
     writer = _tensorboard(out_dir) if acc.is_main_process else None
+    log_file = _open_log(out_dir / "log.jsonl", log) if acc.is_main_process else None
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        disable=None if acc.is_main_process else True,  # None: off when stderr is not a TTY
+    )
+
+    def say(msg: str) -> None:
+        if acc.is_main_process:
+            (bar.write if not bar.disable else print)(msg)
+            sys.stdout.flush()
+
     t_train = time.time()
     model.train()
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
-    while step < end:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        total = 0.0
-        parts: dict[str, float] = {}
-        for micro in range(cfg.grad_accum):
+    interrupted = None
+    with _StopRequest() as stop:
+        while step < end:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg, steps_per_epoch)
+            total = 0.0
+            parts: dict[str, float] = {}
+            raw.begin_step(step)  # schedules (momentum, ramps, warm-ups) count optimizer steps
             rank, world = acc.process_index, acc.num_processes
-            idx = batch_indices(step, micro, rank, world, cfg, len(data), cfg.batch_size - n_text)
-            samples = [data[i] for i in idx]
-            if text_data is not None:
-                t_idx = batch_indices(step, micro, rank, world, cfg, len(text_data), n_text, 1)
-                samples += [text_data[i] for i in t_idx]
-            # images (and expert labels) of the rows that have one, in batch order
-            with_image = [i for i in idx if data[i].image is not None]
-            batch = {
-                k: v.to(acc.device)
-                for k, v in processor.encode(
-                    [s.prompt for s in samples], [s.target for s in samples]
-                ).items()
-            }
-            batch |= sample_extras(samples, acc.device)
-            if len(with_image) < len(samples):
-                check_text_only(raw, model_cfg, dcfg)
-                batch["has_image"] = torch.tensor(
-                    [s.image is not None for s in samples], device=acc.device
+            for micro in range(cfg.grad_accum):
+                pos = batch_indices(
+                    step, micro, rank, world, cfg, len(valid), cfg.batch_size - n_text
                 )
-            pixels, experts = None, None
-            if with_image:
-                pixels = torch.stack([images(i) for i in with_image]).to(acc.device)
-                with torch.no_grad():
-                    experts = feeder(pixels, [label_key(data[i]) for i in with_image])
-            with acc.accumulate(model), acc.autocast():
-                out = model(pixels, experts=experts, **batch)
-                loss = out.loss
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    acc.clip_grad_norm_(
-                        [p for p in model.parameters() if p.requires_grad], cfg.clip
+                idx = [valid[i] for i in pos]
+                samples = [data[i] for i in idx]
+                if text_data is not None:
+                    t_idx = batch_indices(step, micro, rank, world, cfg, len(text_data), n_text, 1)
+                    samples += [text_data[i] for i in t_idx]
+                # dataset captions are data: cut to the model's limits, never refused
+                batch = {
+                    k: v.to(acc.device) for k, v in processor.batch(samples, truncate=True).items()
+                }
+                batch["image_idx"] = torch.tensor(
+                    [image_index(s.image_id) for s in samples], device=acc.device
+                )
+                batch |= sample_extras(samples, acc.device)
+                # images (and expert labels) of the rows that have one, in batch order
+                with_image = [i for i in idx if data[i].image is not None]
+                if len(with_image) < len(samples):
+                    check_text_only(raw, model_cfg, dcfg)
+                    batch["has_image"] = torch.tensor(
+                        [s.image is not None for s in samples], device=acc.device
                     )
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            total += loss.detach().float() / cfg.grad_accum
-            for k, v in out.parts.items():
-                parts[k] = parts.get(k, 0.0) + float(v) / cfg.grad_accum
-        mean_loss = acc.reduce(total, reduction="mean").item()
-        record: dict[str, Any] = {
-            "step": step,
-            "loss": mean_loss,
-            "lr": opt.param_groups[0]["lr"],
-            "seconds": round(time.time() - t_train, 2),
-        }
-        if parts:  # the objective's parts (process means), e.g. mu-VLA's pair-weight quantiles
-            names = sorted(parts)
-            values = acc.reduce(torch.tensor([parts[k] for k in names], device=acc.device), "mean")
-            record["parts"] = {k: round(float(v), 6) for k, v in zip(names, values, strict=True)}
-        log.append(record)
-        if writer is not None:
-            writer.add_scalar("train/loss", mean_loss, step)
-            writer.add_scalar("train/lr", log[-1]["lr"], step)
-            for k, v in record.get("parts", {}).items():
-                writer.add_scalar(f"train/{k}", v, step)
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            shown = "".join(f"  {k} {v:.3g}" for k, v in record.get("parts", {}).items())
-            acc.print(
-                f"step {step:5d}  loss {mean_loss:.4f}  lr {log[-1]['lr']:.2e}  {time.time() - t_train:.0f}s{shown}",
-                flush=True,
-            )
-        step += 1
-        if acc.is_main_process and cfg.save_every and step % cfg.save_every == 0:
-            save_state(state_dir, raw, opt, step, host, run, log)
+                pixels, experts = None, None
+                if with_image:
+                    pixels = torch.stack([images(i) for i in with_image]).to(acc.device)
+                    with torch.no_grad():
+                        experts = feeder(pixels, [label_key(data[i]) for i in with_image])
+                        if aug.enabled:
+                            pixels, experts = augment_batch(
+                                pixels, experts, model_cfg.vision.image_size, aug
+                            )
+                with acc.accumulate(model), acc.autocast():
+                    out = model(pixels, **batch, experts=experts)
+                    loss = out.loss
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        acc.clip_grad_norm_(
+                            [p for p in model.parameters() if p.requires_grad], cfg.clip
+                        )
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                total += loss.detach().float() / cfg.grad_accum
+                for k, v in out.parts.items():
+                    parts[k] = parts.get(k, 0.0) + float(v) / cfg.grad_accum
+            mean_loss = acc.reduce(total, reduction="mean").item()
+            record: dict[str, Any] = {
+                "step": step,
+                "loss": mean_loss,
+                "lr": opt.param_groups[0]["lr"],
+                "seconds": round(time.time() - t_train, 2),
+            }
+            if parts:  # the objective's parts (process means), e.g. mu-VLA's pair-weight quantiles
+                names = sorted(parts)
+                values = acc.reduce(
+                    torch.tensor([parts[k] for k in names], device=acc.device), "mean"
+                )
+                record["parts"] = {
+                    k: round(float(v), 6) for k, v in zip(names, values, strict=True)
+                }
+            log.append(record)
+            if log_file is not None:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            if writer is not None:
+                writer.add_scalar("train/loss", mean_loss, step)
+                writer.add_scalar("train/lr", record["lr"], step)
+                for k, v in record.get("parts", {}).items():
+                    writer.add_scalar(f"train/{k}", v, step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                shown = "".join(f"  {k} {v:.3g}" for k, v in record.get("parts", {}).items())
+                say(
+                    f"step {step:5d}  loss {mean_loss:.4f}  lr {record['lr']:.2e}  {time.time() - t_train:.0f}s{shown}"
+                )
+            step += 1
+            asked = stop.signal is not None
+            if acc.num_processes > 1:  # stop together: any process asked
+                flag = torch.tensor([float(asked)], device=acc.device)
+                asked = bool(acc.reduce(flag, reduction="sum").item() > 0)
+            if asked:
+                interrupted = signal.Signals(stop.signal).name if stop.signal else "signal"
+                break
+            if acc.is_main_process and cfg.save_every and step % cfg.save_every == 0:
+                save_state(state_dir, raw, opt, step, host, run, log)
+    bar.close()
+    if log_file is not None:
+        log_file.close()
     train_s = time.time() - t_train
     result: dict[str, Any] = {
         "model": model_cfg.name,
+        "out_dir": str(out_dir),
         "steps": step,
         "train_seconds": round(train_s, 1),
         **peak_memory_mib(),
         "first_loss": log[0]["loss"] if log else None,
         "final_loss": log[-1]["loss"] if log else None,
         "processes": acc.num_processes,
+        "distributed": acc.distributed_type.value,
+        "dropped_empty_targets": dropped_empty,
         **counts,
     }
+    if interrupted:
+        result["interrupted"] = interrupted
     if acc.num_processes > 1:  # DDP keeps replicas equal: check it, do not assume it
         checksum = (
             torch.stack([p.detach().double().sum() for p in raw.parameters() if p.requires_grad])
@@ -360,6 +653,10 @@ def train(
         )
     if acc.is_main_process:
         save_state(state_dir, raw, opt, step, host, run, log)
+        if interrupted:
+            say(
+                f"stopped at step {step} ({interrupted}); continue with --resume --out-dir {out_dir}"
+            )
         if step >= cfg.steps:
             ckpt = out_dir / "model.safetensors"
             save_checkpoint(
@@ -391,10 +688,6 @@ def train(
                 if isinstance(v, float):
                     writer.add_scalar(f"eval/{k}", v, step)
     if acc.is_main_process:
-        atomic_write(
-            out_dir / "log.jsonl",
-            lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in log)),
-        )
         atomic_write(
             out_dir / "result.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2))
         )
@@ -444,6 +737,13 @@ def sample_extras(samples: list, device: torch.device) -> dict[str, torch.Tensor
     }
 
 
+def _open_log(path: Path, log: list[dict]):
+    """``log.jsonl`` holding exactly ``log`` (a resumed run drops lines past its saved state),
+    open for appending one line per step."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in log)))
+    return open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed after the loop
+
+
 def _tensorboard(out_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -482,21 +782,57 @@ def plot_curves(log: list[dict], metrics: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """A run config TOML (``[data]``, ``[train]``, ``[eval]``; a ``[model]`` table is ignored
-    here) plus ``train.x=...``-style overrides."""
+RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+def recipe_path(path: str | Path) -> Path:
+    """A run config path, or the name of a shipped recipe (``engine/recipes/NAME.toml``)."""
+    p = Path(path)
+    if p.suffix != ".toml" and (RECIPES / f"{p.name}.toml").is_file():
+        return RECIPES / f"{p.name}.toml"
+    return p
+
+
+def _read_run_toml(path: str | Path) -> dict[str, Any]:
     import tomllib
 
+    try:
+        return tomllib.loads(recipe_path(path).read_text())
+    except FileNotFoundError:
+        names = ", ".join(sorted(r.stem for r in RECIPES.glob("*.toml")))
+        raise ConfigError(f"run config {path} does not exist (shipped recipes: {names})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"run config {path} is not valid TOML: {e}") from None
+
+
+def run_model_overrides(path: str | Path | None) -> list[str]:
+    """A run config's ``[model]`` table as ``a.b=value`` overrides of the model config (a recipe
+    that fine-tunes at 480 px sets ``vision.image_size``)."""
+    from prismkit.core.config import _toml_value
+
+    if path is None:
+        return []
+
+    def flat(prefix: str, table: dict[str, Any]) -> list[str]:
+        out = []
+        for k, v in table.items():
+            if isinstance(v, dict) and k != "head_options":
+                out += flat(f"{prefix}{k}.", v)
+            else:
+                out.append(f"{prefix}{k}={_toml_value(v)}")
+        return out
+
+    return flat("", _read_run_toml(path).get("model", {}))
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """A run config TOML or shipped recipe name (``[data]``, ``[train]``, ``[eval]``; its
+    ``[model]`` table is read by :func:`run_model_overrides`) plus ``train.x=...`` overrides."""
     from prismkit.core.config import apply_override
 
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"run config {path} does not exist") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"run config {path} is not valid TOML: {e}") from None
+        data = _read_run_toml(path)
         data.pop("model", None)
     for item in overrides or []:
         apply_override(data, item, "--set")

@@ -1,44 +1,35 @@
 #!/usr/bin/env bash
-# BLIP offline, end to end: train the offline BLIP variant on easy-vqa's derived captions, then
-# image-text retrieval R@1/5/10 on easy-vqa's test images, then CapFilt on a noisy "web" set
-# (half the captions true, half shuffled). Usage: examples/blip_capfilt_easyvqa.sh [OUT] [STEPS]
+# BLIP's CapFilt offline, end to end, on easy-vqa (CPU, no network beyond PyPI):
+#  1. pre-train BLIP (offline_blip: MiniLM-initialised MED, small ViT) on human + noisy web pairs
+#  2. CapFilt: fine-tune a captioner and a filter from it on the human pairs, caption the web
+#     images (nucleus sampling), filter web + synthetic captions with ITM
+#  3. pre-train a new BLIP on the bootstrapped dataset, same budget
+#  4. retrieval R@1/5 of both pre-trained models on 200 easy-vqa test images
+# Usage: examples/blip_capfilt_easyvqa.sh [OUT] [PRETRAIN_STEPS] [FINETUNE_STEPS]
 set -euo pipefail
-OUT=${1:-runs/blip}
-STEPS=${2:-300}
+OUT=${1:-runs/blip_capfilt}
+STEPS=${2:-150}
+FT=${3:-80}
 PK=${PRISMKIT:-.venv/bin/prismkit}
 PY=${PYTHON:-.venv/bin/python}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-mkdir -p "$OUT"
-$PK train offline_default_blip --set 'data.dataset="easyvqa_captions"' --set vision.image_size=64 \
-    --steps "$STEPS" --batch-size 32 --lr 1e-3 --eval-questions 0 --out-dir "$OUT"
-$PY - "$OUT" <<'PY'
-import json, random, sys
-from pathlib import Path
-from prismkit.datasets.easyvqa import EasyVQACaptions
-out = Path(sys.argv[1])
-test = EasyVQACaptions(split="test")
-rows = [{"image": s.image, "caption": s.target} for s in test.samples[:200]]
-(out / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-train = EasyVQACaptions(split="train").samples[:64]
-rng = random.Random(0)
-web = []
-for i, s in enumerate(train):
-    wrong = rng.choice([t.target for t in train if t.target != s.target])
-    web.append({"image": s.image, "caption": s.target if i % 2 == 0 else wrong, "true": i % 2 == 0})
-(out / "web.jsonl").write_text("".join(json.dumps(r) + "\n" for r in web))
-PY
-echo "== retrieval on 200 easy-vqa test images (one caption each; only 24 distinct captions exist)"
-$PK retrieval "$OUT/model.safetensors" "$OUT/test.jsonl" | tee "$OUT/retrieval.txt"
-echo "== CapFilt on 64 'web' pairs (32 true captions, 32 shuffled)"
-$PK capfilt "$OUT/web.jsonl" --captioner "$OUT/model.safetensors" --filter "$OUT/model.safetensors" \
-    --out "$OUT/capfilt.jsonl" --min-length 2 --max-length 8 | tee "$OUT/capfilt.txt"
-$PY - "$OUT" <<'PY'
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-truth = {(r["image"], r["caption"]): r["true"] for r in map(json.loads, (out / "web.jsonl").read_text().splitlines())}
-kept = [json.loads(x) for x in (out / "capfilt.jsonl").read_text().splitlines()]
-web_kept = [k for k in kept if k.get("source") == "web"]
-true_kept = sum(truth.get((k["image"], k["caption"]), False) for k in web_kept)
-print(f"web pairs kept: {len(web_kept)} of 64; of those true: {true_kept} (true pairs in the input: 32)")
-PY
+HERE=$(dirname "$0")
+$PY "$HERE/blip_capfilt_easyvqa.py" prepare "$OUT"
+pretrain() {  # $1 = data file, $2 = run folder
+    $PK train offline_blip --set 'data.dataset="blip_pairs"' --set "data.options.train=\"$1\"" \
+        --steps "$STEPS" --batch-size 16 --lr 1e-4 --warmup 10 --eval-questions 0 --log-every 25 \
+        --out-dir "$2"
+}
+echo "== 1. pre-train on human + noisy web pairs ($STEPS steps)"
+pretrain "$OUT/noisy.jsonl" "$OUT/pretrain_noisy"
+echo "== 2. CapFilt ($FT fine-tuning steps per model)"
+$PK capfilt "$OUT/web.jsonl" --human "$OUT/human.jsonl" --init "$OUT/pretrain_noisy/model.safetensors" \
+    --out "$OUT/capfilt" --steps "$FT" --batch-size 16 --lr 1e-4 --max-length 12 --min-length 6
+echo "== 3. pre-train on the bootstrapped dataset ($STEPS steps)"
+pretrain "$OUT/capfilt/bootstrapped.jsonl" "$OUT/pretrain_bootstrapped"
+echo "== 4. retrieval on 200 test images"
+for name in noisy bootstrapped; do
+    $PK retrieval "$OUT/pretrain_$name/model.safetensors" "$OUT/test.jsonl" --k-test 16 \
+        --out "$OUT/retrieval_$name.json"
+done
+$PY "$HERE/blip_capfilt_easyvqa.py" summary "$OUT"

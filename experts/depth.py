@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prismkit.core.expert import Expert, LabelMap, WeightsStatus
+from prismkit.core.expert import LabelMap
 from prismkit.core.hookspecs import hookimpl
 from prismkit.experts._common import check_images
-from prismkit.experts._hf import hf_weights_status, load_model_and_processor, preprocess
+from prismkit.experts._hf import HFExpert
 
 
-class DepthExpert(Expert):
+class DepthExpert(HFExpert):
     """Depth from ``AutoModelForDepthEstimation`` (DPT-Hybrid MiDaS, as in Prismer's reference).
 
     ``weights``: a hub id or a local checkpoint folder (config, weights, preprocessor config);
@@ -27,36 +27,13 @@ class DepthExpert(Expert):
     kind: ClassVar[Literal["dense", "semantic"]] = "dense"
     channels: ClassVar[int] = 1
     default_weights: ClassVar[str] = "Intel/dpt-hybrid-midas"
-
-    def __init__(self, *, weights: str | None = None, device: str | torch.device = "cpu") -> None:
-        super().__init__(weights=weights, device=device)
-        self._model: Any = None
-        self._processor: Any = None
-
-    @property
-    def ref(self) -> str:
-        """The hub id or folder the weights load from."""
-        return self.weights or self.default_weights
-
-    def weights_status(self) -> WeightsStatus:
-        return hf_weights_status(self.ref)
-
-    def load(self) -> None:
-        if self._model is not None:
-            return
-        from transformers import AutoModelForDepthEstimation
-
-        self._model, self._processor = load_model_and_processor(
-            AutoModelForDepthEstimation, self.ref, self.device
-        )
+    auto_model: ClassVar[str] = "AutoModelForDepthEstimation"
 
     @torch.inference_mode()
     def predict(self, images: Tensor, inputs: dict[str, LabelMap]) -> LabelMap:
         """``images (B, 3, H, W)`` in [0, 1] -> depth ``(B, 1, H, W)`` float32."""
         _, h, w = check_images(self.name, images)
-        self.load()
-        batch = preprocess(self._processor, images.to(self.device), self.device)
-        depth = self._model(**batch).predicted_depth  # (B, h', w')
+        depth = self.model(**self.model_inputs(images)).predicted_depth  # (B, h', w')
         if depth.ndim == 3:
             depth = depth.unsqueeze(1)
         depth = F.interpolate(depth.float(), size=(h, w), mode="bilinear", align_corners=False)

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from prismkit.core.expert import Expert, LabelMap, WeightsStatus
+from prismkit.core.expert import LabelMap
 from prismkit.core.hookspecs import hookimpl
 from prismkit.experts._common import check_images
-from prismkit.experts._hf import (
-    hf_weights_status,
-    id2label_names,
-    load_model_and_processor,
-    preprocess,
-)
+from prismkit.experts._hf import HFExpert, id2label_names
 
 
 def paint_boxes(boxes: Tensor, height: int, width: int) -> tuple[Tensor, list[int]]:
@@ -45,7 +40,7 @@ def ranked_names(names: list[str], scores: Tensor) -> list[str]:
     return list(dict.fromkeys(names[i] for i in order))
 
 
-class ObjectDetection(Expert):
+class ObjectDetection(HFExpert):
     """Boxes from ``AutoModelForObjectDetection`` + ``post_process_object_detection``, kept when
     their score is at least ``threshold`` (0.5, as in the reference), painted as instances.
 
@@ -62,7 +57,10 @@ class ObjectDetection(Expert):
     kind: ClassVar[Literal["dense", "semantic"]] = "semantic"
     channels: ClassVar[int] = 64
     tag_source: ClassVar[Literal["detection", "classifier"] | None] = "detection"
+    instances: ClassVar[bool] = True
+    label_table: ClassVar[str | None] = "detection"
     default_weights: ClassVar[str] = "facebook/detr-resnet-50"
+    auto_model: ClassVar[str] = "AutoModelForObjectDetection"
 
     def __init__(
         self,
@@ -73,26 +71,9 @@ class ObjectDetection(Expert):
     ) -> None:
         super().__init__(weights=weights, device=device)
         self.threshold = threshold
-        self._model: Any = None
-        self._processor: Any = None
         self._classes: tuple[str, ...] = ()
 
-    @property
-    def ref(self) -> str:
-        """The hub id or folder the weights load from."""
-        return self.weights or self.default_weights
-
-    def weights_status(self) -> WeightsStatus:
-        return hf_weights_status(self.ref)
-
-    def load(self) -> None:
-        if self._model is not None:
-            return
-        from transformers import AutoModelForObjectDetection
-
-        self._model, self._processor = load_model_and_processor(
-            AutoModelForObjectDetection, self.ref, self.device
-        )
+    def _after_load(self) -> None:
         self._classes = id2label_names(self._model.config)
         self.vocabulary = ("background", *self._classes)
 
@@ -105,10 +86,8 @@ class ObjectDetection(Expert):
         """Per image: ``boxes (N, 4)`` xyxy pixels, ``labels (N,)`` class ids, ``scores (N,)``,
         kept at ``threshold``."""
         b, h, w = check_images(self.name, images)
-        self.load()
-        batch = preprocess(self._processor, images.to(self.device), self.device)
-        outputs = self._model(**batch)
-        results = self._processor.post_process_object_detection(
+        outputs = self.model(**self.model_inputs(images))
+        results = self.processor.post_process_object_detection(
             outputs, threshold=self.threshold, target_sizes=[(h, w)] * b
         )
         out = []

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from prismkit.core.expert import Expert, LabelMap, WeightsStatus
+from prismkit.core.expert import Expert, LabelMap
 from prismkit.core.hookspecs import hookimpl
 from prismkit.experts._common import check_images
-from prismkit.experts._hf import (
-    hf_weights_status,
-    id2label_names,
-    load_model_and_processor,
-    preprocess,
-)
+from prismkit.experts._hf import HFExpert, id2label_names
 
 
-class Mask2FormerSegmentation(Expert):
+class Mask2FormerSegmentation(HFExpert):
     """Per-pixel classes from ``AutoModelForUniversalSegmentation`` (Mask2Former Swin-L on COCO
     panoptic's 133 classes by default, as in Prismer's reference).
 
@@ -37,29 +32,12 @@ class Mask2FormerSegmentation(Expert):
     name: ClassVar[str] = "seg_coco"
     kind: ClassVar[Literal["dense", "semantic"]] = "semantic"
     channels: ClassVar[int] = 64
+    stem_group: ClassVar[str | None] = "seg"
+    label_table: ClassVar[str | None] = "coco"
     default_weights: ClassVar[str] = "facebook/mask2former-swin-large-coco-panoptic"
+    auto_model: ClassVar[str] = "AutoModelForUniversalSegmentation"
 
-    def __init__(self, *, weights: str | None = None, device: str | torch.device = "cpu") -> None:
-        super().__init__(weights=weights, device=device)
-        self._model: Any = None
-        self._processor: Any = None
-
-    @property
-    def ref(self) -> str:
-        """The hub id or folder the weights load from."""
-        return self.weights or self.default_weights
-
-    def weights_status(self) -> WeightsStatus:
-        return hf_weights_status(self.ref)
-
-    def load(self) -> None:
-        if self._model is not None:
-            return
-        from transformers import AutoModelForUniversalSegmentation
-
-        self._model, self._processor = load_model_and_processor(
-            AutoModelForUniversalSegmentation, self.ref, self.device
-        )
+    def _after_load(self) -> None:
         classes = id2label_names(self._model.config)
         if not classes:
             raise ValueError(f"expert {self.name!r}: {self.ref} has no id2label in its config")
@@ -69,10 +47,9 @@ class Mask2FormerSegmentation(Expert):
     def predict(self, images: Tensor, inputs: dict[str, LabelMap]) -> LabelMap:
         """``images (B, 3, H, W)`` in [0, 1] -> class indices ``(B, H, W)`` int64."""
         b, h, w = check_images(self.name, images)
-        self.load()
-        batch = preprocess(self._processor, images.to(self.device), self.device)
-        outputs = self._model(**batch)
-        results = self._processor.post_process_semantic_segmentation(
+        batch = self.model_inputs(images)
+        outputs = self.model(**batch)
+        results = self.processor.post_process_semantic_segmentation(
             outputs, return_segmentation_scores=True
         )
         pixel_mask = batch.get("pixel_mask")

@@ -94,7 +94,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"labelling {', '.join(args.inputs[:3])}{more} with {', '.join(experts)} into {store} "
         f"(shard {shard[0]}/{shard[1]}, {args.workers} worker(s), batch {args.batch_size})"
     )
-    report = run_experts(args.inputs, experts, store, args.batch_size, args.workers, shard=shard)
+    if args.batch_size < 1 or args.workers < 1:
+        raise ValueError(
+            f"--batch-size and --workers must be at least 1; got {args.batch_size}, {args.workers}"
+        )
+    report = run_experts(
+        args.inputs, experts, store, args.batch_size, args.workers, shard=shard, verify=args.verify
+    )
     print(report.summary())
     return 1 if report.failures else 0
 
@@ -142,6 +148,12 @@ def _configure(p: argparse.ArgumentParser) -> None:
         default=None,
         help="resize images to SIZE x SIZE first; default: native resolution, equal sizes batched",
     )
+    r.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the checksum of every stored label file of these images and recompute the "
+        "damaged ones (without it, only truncated files are caught)",
+    )
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("show", help="draw each image beside every expert's map")
@@ -165,6 +177,36 @@ def _configure(p: argparse.ArgumentParser) -> None:
     f.set_defaults(func=cmd_fit_pca)
 
 
+def _configure_label_space(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "folder", type=Path, help="the reference's dataset/ folder (*_features.pt, clip_pca.pkl)"
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, help="label space file (.safetensors) to write"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_convert_label_space)
+
+
+def cmd_convert_label_space(args: argparse.Namespace) -> int:
+    from prismkit.labels.prismer_space import convert_label_space
+
+    out = convert_label_space(args.folder, args.out, args.overwrite)
+    print(
+        f"wrote {out}: the reference's label tables, background vector and PCA (read with "
+        "torch.load(weights_only=True) and an allow-list parser; no pickle code ran). Use it with "
+        f"--set 'label_space=\"{out}\"'"
+    )
+    return 0
+
+
 @hookimpl
 def register_commands(register) -> None:
     register(Command("experts", "precompute, show and embed expert labels", _configure))
+    register(
+        Command(
+            "convert prismer-labels",
+            "Prismer's label features (dataset/*_features.pt, clip_pca.pkl) -> one safetensors file",
+            _configure_label_space,
+        )
+    )

@@ -143,10 +143,13 @@ class TextEncoder:
         *,
         device: str | torch.device = "cpu",
         batch_size: int = 256,
+        normalize: bool = True,
     ) -> None:
         self.source = source
         self.device = torch.device(device)
         self.batch_size = batch_size
+        # L2-normalise the embeddings (Prismer's label features use CLIP's raw projections)
+        self.normalize = normalize
         self._model: Any = None
         self._tokenizer: Any = None
         self._clip = False
@@ -200,7 +203,8 @@ class TextEncoder:
                 hidden = self._model(**tok).last_hidden_state
                 mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 emb = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-            out.append(F.normalize(emb.float(), dim=-1).cpu())
+            emb = emb.float()
+            out.append((F.normalize(emb, dim=-1) if self.normalize else emb).cpu())
         if not out:
             raise ValueError("TextEncoder got no names to embed")
         return torch.cat(out)
@@ -384,8 +388,9 @@ class LabelEmbedder:
         )
         return cls(pca, enc)
 
-    def embed(self, names: Sequence[str]) -> Tensor:
-        """``names`` (K strings) -> ``(K, dim)`` float32 on the CPU."""
+    def embed(self, names: Sequence[str], table: str | None = None) -> Tensor:
+        """``names`` (K strings) -> ``(K, dim)`` float32 on the CPU (``table``, an expert's
+        ``label_table``, is for label spaces with per-vocabulary tables; unused here)."""
         todo = [n for n in dict.fromkeys(names) if n not in self._cache]
         fixed = [n for n in todo if _is_fixed(n)]
         for n in fixed:
@@ -402,8 +407,17 @@ class LabelEmbedder:
         return torch.stack([self._cache[n] for n in names])
 
 
-def semantic_input(label_map: LabelMap, embedder: LabelEmbedder) -> SemanticInput:
+def semantic_input(
+    label_map: LabelMap,
+    embedder: LabelEmbedder,
+    *,
+    instances: bool = False,
+    table: str | None = None,
+) -> SemanticInput:
     """A semantic ``LabelMap`` (``values (B, H, W)`` int64, ``names[b]``) -> ``SemanticInput``.
+
+    ``instances`` (an instance expert): the map's own indices are kept as instance ids.
+    ``table``: the expert's ``label_table`` for label spaces with per-vocabulary tables.
 
     The batch's names are merged into one table ``(K, dim)`` (each distinct name once, in order of
     first appearance; ``"background"`` first) and each image's local indices are remapped into it
@@ -436,8 +450,8 @@ def semantic_input(label_map: LabelMap, embedder: LabelEmbedder) -> SemanticInpu
             )
     lut = lut.to(values.device)
     index = lut.gather(1, values.flatten(1)).view_as(values)
-    table = embedder.embed(list(merged)).to(values.device)
-    return SemanticInput(index, table)
+    rows = embedder.embed(list(merged), table).to(values.device)
+    return SemanticInput(index, rows, values if instances else None)
 
 
 def fit_pca(

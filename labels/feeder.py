@@ -36,6 +36,18 @@ def dense_inputs(experts: dict[str, Expert], images: torch.Tensor) -> dict[str, 
     return {n: m.values for n, m in expert_labels(experts, images).items()}
 
 
+def label_embedder(source: str | None = None):
+    """The label embedder a model config names (``label_space``): a Prismer label space converted
+    from the reference's files, a prismkit PCA (``prismkit experts fit-pca``), or, unset, the
+    default PCA (``$PRISMKIT_LABEL_PCA`` or fitted here)."""
+    from prismkit.labels.embedding import LabelEmbedder
+    from prismkit.labels.prismer_space import PrismerLabelSpace
+
+    if source and PrismerLabelSpace.is_label_space(source):
+        return PrismerLabelSpace.load(source)
+    return LabelEmbedder.default(source)
+
+
 class ExpertFeeder:
     """Expert inputs of a batch for the model: from a label store when one is given, else by
     running the experts on the batch. A label missing from the store is an error naming image and
@@ -45,7 +57,7 @@ class ExpertFeeder:
         self, model: PrismerModel, host: PluginHost, labels: str = "", compute_missing: bool = False
     ) -> None:
         self.compute_missing = compute_missing
-        self.slots = model.experts
+        self.slots = list(getattr(model, "experts", ()))  # architectures without experts: none
         self.experts = {s.name: host.expert(s.name)() for s in self.slots}
         # experts needed as inputs of enabled ones (normals read depth) run too, unused by the model
         for e in list(self.experts.values()):
@@ -58,9 +70,7 @@ class ExpertFeeder:
             self.store = LabelStore(labels)
         self.embedder = None
         if any(s.kind == "semantic" for s in self.slots):
-            from prismkit.labels.embedding import LabelEmbedder
-
-            self.embedder = LabelEmbedder.default()
+            self.embedder = label_embedder(model.config.label_space)
 
     def __call__(self, images: torch.Tensor, image_ids: list[str]) -> dict[str, ExpertInput]:
         if not self.slots:
@@ -86,7 +96,12 @@ class ExpertFeeder:
             if s.kind == "semantic":
                 from prismkit.labels.embedding import semantic_input
 
-                out[s.name] = semantic_input(maps[s.name], self.embedder)
+                out[s.name] = semantic_input(
+                    maps[s.name],
+                    self.embedder,
+                    instances=s.instances,
+                    table=self.experts[s.name].label_table,
+                )
             else:
                 out[s.name] = maps[s.name].values
         return out

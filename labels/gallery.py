@@ -154,6 +154,20 @@ def _labels_for(
     return out
 
 
+def _error_cell(ax, message: str) -> None:
+    ax.text(
+        0.5,
+        0.5,
+        textwrap.fill(message, 44),
+        color="red",
+        fontsize=5,
+        ha="center",
+        va="center",
+        transform=ax.transAxes,
+        clip_on=True,
+    )
+
+
 def render_gallery(
     image_paths: Sequence[str | Path],
     experts: dict[str, Expert],
@@ -187,7 +201,15 @@ def render_gallery(
     failures: list[str] = []
     for r, p in enumerate(image_paths):
         path = Path(p)
-        image = load_image(path)
+        try:
+            image = load_image(path)
+        except (ValueError, TypeError) as err:  # this row shows the error; the others are drawn
+            msg = str(err) if str(path) in str(err) else f"image {path}: {err}"
+            failures.append(msg)
+            log(msg)
+            axes[r, 0].set_title(path.name, fontsize=8)
+            _error_cell(axes[r, 0], msg)
+            continue
         resize = store.size if store is not None else size
         if resize is not None:
             image = resize_square(image, resize)
@@ -201,22 +223,12 @@ def render_gallery(
             if isinstance(got, str):
                 failures.append(got)
                 log(got)
-                ax.text(
-                    0.5,
-                    0.5,
-                    textwrap.fill(got, 44),
-                    color="red",
-                    fontsize=5,
-                    ha="center",
-                    va="center",
-                    transform=ax.transAxes,
-                    clip_on=True,
-                )
+                _error_cell(ax, got)
             else:
                 _draw(ax, experts[name], rgb, got, max_names)
-            if r == 0:
-                e = experts[name]
-                ax.set_title(f"{name} ({e.kind}, v{e.version})", fontsize=8)
+    for c, name in enumerate(names, start=1):
+        e = experts[name]
+        axes[0, c].set_title(f"{name} ({e.kind}, v{e.version})", fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])

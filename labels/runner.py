@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prismkit.core.expert import Expert, LabelMap
+from prismkit.core.io import remove_stale_temporaries
+from prismkit.core.progress import Progress
 from prismkit.labels.store import LabelStore, roundtrip
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
@@ -119,6 +121,11 @@ class RunReport:
     skipped: int = 0
     # what failed, with messages naming the image and the expert
     failures: list[Failure] = field(default_factory=list)
+    # damaged label files found (truncated; with verify=True also checksum mismatches) and
+    # recomputed
+    repaired: list[str] = field(default_factory=list)
+    # temporary files of killed earlier runs, deleted
+    stale_removed: int = 0
 
     def merge(self, other: RunReport) -> RunReport:
         return RunReport(
@@ -126,6 +133,8 @@ class RunReport:
             self.computed + other.computed,
             self.skipped + other.skipped,
             self.failures + other.failures,
+            self.repaired + other.repaired,
+            self.stale_removed + other.stale_removed,
         )
 
     def summary(self) -> str:
@@ -133,6 +142,11 @@ class RunReport:
             f"{self.images} images: {self.computed} label files written, {self.skipped} already "
             f"stored, {len(self.failures)} failures"
         ]
+        if self.repaired:
+            lines.append(f"  {len(self.repaired)} damaged label file(s) recomputed:")
+            lines += [f"    {r}" for r in self.repaired]
+        if self.stale_removed:
+            lines.append(f"  {self.stale_removed} temporary file(s) of killed runs deleted")
         lines += [f"  FAILED {f}" for f in self.failures]
         return "\n".join(lines)
 
@@ -144,6 +158,7 @@ class _Item:
     image: Tensor  # (3, H, W) in [0, 1]
     labels: dict[str, LabelMap] = field(default_factory=dict)  # as stored, batch of 1
     failed: set[str] = field(default_factory=set)
+    todo: set[str] = field(default_factory=set)  # experts whose labels are to be computed
 
 
 def resize_square(image: Tensor, size: int) -> Tensor:
@@ -162,7 +177,13 @@ class _Runner:
     """Runs the experts over one list of images (one worker's share)."""
 
     def __init__(
-        self, experts: dict[str, Expert], store: LabelStore, batch_size: int, log: Log
+        self,
+        experts: dict[str, Expert],
+        store: LabelStore,
+        batch_size: int,
+        log: Log,
+        verify: bool = False,
+        position: int = 0,
     ) -> None:
         self.experts = experts
         self.order = dependency_order(experts)
@@ -170,7 +191,24 @@ class _Runner:
         self.store = store
         self.batch_size = batch_size
         self.log = log
+        self.verify = verify
+        self.position = position
         self.report = RunReport()
+
+    def stored(self, sha: str, name: str) -> bool:
+        """The store holds whole labels of ``name`` for image ``sha`` (checksum too with
+        ``verify``); a damaged file is reported and will be recomputed."""
+        expert = self.experts[name]
+        path = self.store.path_for(sha, expert)
+        if not path.is_file():
+            return False
+        problem = self.store.verify_key(sha, expert) if self.verify else None
+        if problem is None and not self.store.has_key(sha, expert):
+            problem = "truncated (smaller than its header declares)"
+        if problem is None:
+            return True
+        self.report.repaired.append(f"{path}: {problem}")
+        return False
 
     def fail(self, item_path: Path, expert: str | None, message: str) -> None:
         self.report.failures.append(Failure(str(item_path), expert, message))
@@ -180,14 +218,22 @@ class _Runner:
 
         buckets: dict[tuple[int, ...], list[_Item]] = {}
         t_last = time.monotonic()
+        bar = Progress(
+            len(paths),
+            f"labels {self.position}" if self.position else "labels",
+            unit="image",
+            position=self.position,
+            every_s=float("inf"),  # off a terminal: the log lines below instead
+        )
         for n, path in enumerate(paths, start=1):
             self.report.images += 1
+            bar.update(1)
             try:
                 sha = self.store.image_key(path)
             except OSError as e:
                 self.fail(path, None, f"image {path}: cannot be read ({e})")
                 continue
-            todo = [k for k in self.order if not self.store.has_key(sha, self.experts[k])]
+            todo = [k for k in self.order if not self.stored(sha, k)]
             self.report.skipped += len(self.order) - len(todo)
             if not todo:
                 continue
@@ -200,22 +246,27 @@ class _Runner:
                 self.fail(path, None, f"{msg}; no labels computed for it")
                 continue
             bucket = buckets.setdefault(tuple(image.shape), [])
-            bucket.append(_Item(path, sha, image))
+            bucket.append(_Item(path, sha, image, todo=set(todo)))
             if len(bucket) == self.batch_size:
                 self.process(buckets.pop(tuple(image.shape)))
-            if time.monotonic() - t_last > 10:
+            if not bar.on_terminal and time.monotonic() - t_last > 10:
                 t_last = time.monotonic()
                 self.log(f"{n}/{len(paths)} images, {self.report.computed} label files written")
         for bucket in buckets.values():
             self.process(bucket)
+        bar.close()
         return self.report
 
     def stored_input(self, item: _Item, name: str) -> LabelMap | None:
         """Labels of expert ``name`` for ``item`` as stored (from this run or an earlier one)."""
-        if name not in item.labels and name not in item.failed:
+        if name not in item.labels and name not in item.failed and name not in item.todo:
             e = self.experts[name]
             if self.store.has_key(item.sha, e):
-                item.labels[name] = self.store.get_key(item.sha, e)
+                try:
+                    item.labels[name] = self.store.get_key(item.sha, e)
+                except ValueError as err:  # damaged since listed: fail the dependents
+                    item.failed.add(name)
+                    self.fail(item.path, name, str(err))
         return item.labels.get(name)
 
     def process(self, items: list[_Item]) -> None:
@@ -223,7 +274,7 @@ class _Runner:
             expert = self.experts[name]
             todo = []
             for item in items:
-                if self.store.has_key(item.sha, expert):
+                if name not in item.todo:
                     continue
                 broken = [r for r in expert.requires if self.stored_input(item, r) is None]
                 if broken:
@@ -280,6 +331,7 @@ def _worker(
     batch_size: int,
     threads: int,
     index: int,
+    verify: bool = False,
 ) -> RunReport:
     """One spawned process: label ``paths`` (its share) into the store at ``root``."""
     torch.set_num_threads(threads)
@@ -291,7 +343,7 @@ def _worker(
     def log(msg: str) -> None:
         print(f"[worker {index}] {msg}", flush=True)
 
-    return _Runner(experts, LabelStore(root, size), batch_size, log).run(paths)
+    return _Runner(experts, LabelStore(root, size), batch_size, log, verify, index).run(paths)
 
 
 def run_experts(
@@ -302,6 +354,7 @@ def run_experts(
     num_workers: int = 1,
     shard: tuple[int, int] | None = None,
     log: Log = print,
+    verify: bool = False,
 ) -> RunReport:
     """Label every image in ``image_paths`` (files or folders) with every expert into ``store``.
 
@@ -313,6 +366,11 @@ def run_experts(
         num_workers: processes; worker ``i`` labels ``shard_paths[i::num_workers]``.
         shard: ``(rank, world)``: this call labels ``paths[rank::world]``; ``None`` reads
             ``RANK`` / ``WORLD_SIZE`` from the environment (torchrun, accelerate), else all.
+        verify: check the checksum of every stored label file of these images (not only its
+            size) and recompute the damaged ones.
+
+    Temporary files that killed earlier runs left in the store are deleted first (see
+    :func:`prismkit.core.io.remove_stale_temporaries`).
 
     Returns a ``RunReport``; failures do not raise (see ``report.failures``).
     """
@@ -328,10 +386,13 @@ def run_experts(
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"shard {rank}/{world}: need 0 <= rank < world")
     paths = list_images(image_paths)[rank::world]
+    stale = len(remove_stale_temporaries(store.root)) if store.root.is_dir() else 0
     if num_workers == 1:
-        return _Runner(experts, store, batch_size, log).run(paths)
+        report = _Runner(experts, store, batch_size, log, verify).run(paths)
+        report.stale_removed = stale
+        return report
     threads = max(1, torch.get_num_threads() // num_workers)
-    report = RunReport()
+    report = RunReport(stale_removed=stale)
     with ProcessPoolExecutor(num_workers, mp_context=get_context("spawn")) as pool:
         futures = [
             pool.submit(
@@ -343,6 +404,7 @@ def run_experts(
                 batch_size,
                 threads,
                 i,
+                verify,
             )
             for i in range(num_workers)
         ]

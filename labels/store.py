@@ -18,8 +18,13 @@ reference stores (8-bit PNGs):
   names list in the metadata.
 
 Metadata is one JSON string under the key ``prismkit`` (expert, version, kind, size, sha256,
-names). Files are written atomically (temporary file + ``os.replace``): a killed run leaves
-either a whole file or none (and perhaps a ``.*.tmp`` file, which is ignored).
+names, and ``values_sha256``: the sha256 of the stored array's bytes). Files are written
+atomically (temporary file + ``os.replace``): a killed run leaves either a whole file or none,
+and perhaps a ``.*.tmp`` file, which the next ``prismkit experts run`` deletes once its writer is
+gone. A file damaged later is caught three ways: ``has`` compares its size with what its header
+declares (a truncated file counts as missing, so a rerun recomputes it), ``get`` checks the
+checksum, and ``prismkit experts run --verify`` checks every file's checksum and recomputes the
+damaged ones. Files are created with the mode the umask gives (shared stores work).
 """
 
 from __future__ import annotations
@@ -84,6 +89,28 @@ def encode_labels(out: LabelMap, kind: str) -> tuple[dict[str, np.ndarray], list
     return {"values": idx.astype(np.uint16)}, list(out.names[0])
 
 
+def _values_sha256(arrays: dict[str, np.ndarray]) -> str:
+    return hashlib.sha256(np.ascontiguousarray(arrays["values"]).tobytes()).hexdigest()
+
+
+def declared_size(path: str | Path) -> int | None:
+    """The size a safetensors file's header says it has (8 + header + data), or ``None`` when
+    the header itself cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            n = int.from_bytes(head, "little")
+            if n > 100_000_000:
+                return None
+            header = json.loads(f.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        return 8 + n + max(ends, default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
 def decode_labels(arrays: dict[str, np.ndarray], names: list[str] | None) -> LabelMap:
     """Stored arrays -> a ``LabelMap`` of batch 1: dense ``(1, C, H, W)`` float32, semantic
     ``(1, H, W)`` int64 + ``[names]``."""
@@ -143,7 +170,27 @@ class LabelStore:
         return self.path(image_path, expert).is_file()
 
     def has_key(self, sha256: str, expert: ExpertLike) -> bool:
-        return self.path_for(sha256, expert).is_file()
+        """A whole label file is there: it exists and has the size its header declares (a
+        truncated file counts as missing)."""
+        target = self.path_for(sha256, expert)
+        try:
+            size = target.stat().st_size
+        except FileNotFoundError:
+            return False
+        return declared_size(target) == size
+
+    def verify_key(self, sha256: str, expert: ExpertLike) -> str | None:
+        """What is wrong with the stored label file (missing, truncated, unreadable, checksum
+        mismatch), or ``None`` when it is whole."""
+        if not self.path_for(sha256, expert).is_file():
+            return "missing"
+        if not self.has_key(sha256, expert):
+            return "truncated (smaller than its header declares)"
+        try:
+            self.get_key(sha256, expert)
+        except (ValueError, MissingLabelsError) as e:
+            return str(e)
+        return None
 
     def put(self, image_path: str | Path, expert: ExpertLike, labels: LabelMap) -> Path:
         """Store one image's labels (``LabelMap`` of batch 1) atomically; returns the file."""
@@ -161,6 +208,7 @@ class LabelStore:
             "size": self.size_tag,
             "sha256": sha256,
             "names": names,
+            "values_sha256": _values_sha256(arrays),
         }
         target = self.path_for(sha256, expert)
         atomic_write(
@@ -202,6 +250,12 @@ class LabelStore:
             raise ValueError(
                 f"label file {target} holds {meta.get('kind')!r} labels of format "
                 f"{meta.get('format')!r}; expert {expert.name!r} is {expert.kind!r}: delete it and rerun"
+            )
+        want = meta.get("values_sha256")
+        if want is not None and ("values" not in arrays or _values_sha256(arrays) != want):
+            raise ValueError(
+                f"label file {target} ({expert.name!r}) is damaged (checksum mismatch): rerun "
+                f"`prismkit experts run IMAGES --store {self.root} --verify` to recompute it"
             )
         return decode_labels(arrays, meta.get("names"))
 

@@ -149,10 +149,11 @@ def extras_from_encoded(
     processor: Any, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
 ) -> dict[str, Tensor]:
     """:func:`muvla_extras` recovered from a plain ``encode(prompt=tags, target=sentence)`` batch
-    (what ``prismkit.engine.train`` passes). Token ids are taken as they are: tags = the tokens
-    before the first label, sentence = the labelled tokens without EOS. Noun phrases need words:
-    the sentence and tags are decoded, chunked and the sentence re-encoded; a row whose
-    re-encoding differs from its ids (a lossy tokenizer) gets no noun-phrase tokens."""
+    (what ``prismkit.engine.train`` passes): tags = the tokens before the first label, as they
+    are; the sentence (the labelled tokens without EOS) is decoded and re-encoded alone, as
+    :func:`muvla_extras` encodes it (in the plain batch it follows the tags in one string, so
+    with byte-level BPE its first word carries a space marker it does not have alone), with its
+    noun phrases chunked from the decoded text."""
     tok = processor.tokenizer
 
     def words(ids: list[int]) -> list[bool]:
@@ -173,10 +174,7 @@ def extras_from_encoded(
         t_rows.append((t_ids, [False, *words(prompt), False], [False] * len(t_ids)))
         text = tok.decode(sent, skip_special_tokens=True).strip()
         tags = split_tags(tok.decode(prompt, skip_special_tokens=True))
-        s_ids = [processor.bos, *sent, processor.eos]
-        again = _encode_span(processor, text, noun_phrase_spans(text, tags))
-        inside = again[2] if again[0] == s_ids else [False] * len(s_ids)
-        s_rows.append((s_ids, [False, *words(sent), False], inside))
+        s_rows.append(_encode_span(processor, text, noun_phrase_spans(text, tags)))
     out = _to_tensors(processor, t_rows, s_rows)
     return {k: v.to(input_ids.device) for k, v in out.items()}
 
@@ -242,6 +240,8 @@ class MuVLAPairs(VLDataset):
                     )
                 extras = {"tag_emb": emb[0][index], "sent_emb": emb[1][index]}
             samples.append(
-                Sample(str(img), image, tags_text(tags), sentence.strip(), [sentence], extras)
+                Sample(
+                    str(img), image, tags_text(tags), sentence.strip(), [sentence], extras=extras
+                )
             )
         super().__init__(_subset(samples, fraction, seed))

@@ -117,9 +117,10 @@ class MuVLAObjective(nn.Module):
       extras, else uniform) or uniformly (``"random"``, the paper's random pairs); plus MLM of
       the sentence (15%).
 
-    After the warm-up (``warmup_steps`` optimizer steps: the ``step`` the training loop passes,
-    else the objective's own count of training forwards; or ``warmup_epochs`` when the batch
-    passes ``epoch=``), the retrieved-pair losses (noun phrase, sentence MLM, ITM) of
+    After the warm-up (``warmup_steps`` optimizer steps: the training loop announces each with
+    ``begin_step``, an explicit ``step=`` overrides it, and without either the objective counts
+    its training forwards; or ``warmup_epochs`` when the batch passes ``epoch=``; the counters are
+    buffers, so checkpoints and ``--resume`` keep them), the retrieved-pair losses (noun phrase, sentence MLM, ITM) of
     each sample are weighted by the model's own match probability ``softmax(itm)[match]`` of
     that pair, detached; the tag loss is not. An image's ITM terms (its positive and its
     negative) share its weight, so the weighting does not tilt the classifier. Weighted means
@@ -180,8 +181,10 @@ class MuVLAObjective(nn.Module):
         self.weights = {"tag": tag_weight, "np": np_weight, "itm": itm_weight, "mlm": mlm_weight}
         # the ITM classifier on the first token: logits [mismatch, match]
         self.itm_head = nn.Linear(width, 2)
-        # training forwards so far: drives the warm-up when the loop passes no step
+        # training forwards so far: drives the warm-up when no optimizer step is known
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        # the optimizer step the training loop announced last (begin_step); -1 = none
+        self.register_buffer("step", torch.full((), -1, dtype=torch.long))
         self._vocab: _Vocab | None = None
 
     def vocab(self, model) -> _Vocab:
@@ -195,11 +198,17 @@ class MuVLAObjective(nn.Module):
             self._vocab = _Vocab(proc, proc.tokenizer.mask_token_id)
         return self._vocab
 
+    def begin_step(self, step: int) -> None:
+        """The training loop's optimizer step (once per step, before its forwards)."""
+        self.step.fill_(step)
+
     def weighting_on(self, step: int | None = None, epoch: int | None = None) -> bool:
         """Whether retrieved-pair losses are ITM-weighted at this optimizer step / epoch."""
         if epoch is not None and self.warmup_epochs is not None:
             return epoch >= self.warmup_epochs
-        return (int(self.calls) if step is None else step) >= self.warmup_steps
+        if step is None:
+            step = int(self.step) if int(self.step) >= 0 else int(self.calls)
+        return step >= self.warmup_steps
 
     def itm_logits(self, hidden: Tensor) -> Tensor:
         """``hidden (N, T, D)`` -> ``(N, 2)`` logits ``[mismatch, match]`` from the first token."""

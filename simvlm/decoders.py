@@ -39,6 +39,10 @@ class PrefixDecoder:
     def logits(self, hidden: Tensor) -> Tensor:
         return self.decoder.logits(hidden)
 
+    @property
+    def pad_token_id(self) -> int:
+        return self.decoder.pad_token_id
+
 
 class JointDecoder:
     """The decoder of SimVLM's encoder-decoder as ``beam_search``/``score_candidates`` call it:
@@ -72,3 +76,7 @@ class JointDecoder:
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.decoder.logits(hidden)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.decoder.pad_token_id

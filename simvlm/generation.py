@@ -53,9 +53,10 @@ def prefix_generate(
 ) -> list[str]:
     """Beam-search a continuation of each prompt (one per image), the prompt read as a
     bidirectional prefix. ``images``: paths, PIL images, arrays or ``(B, 3, S, S)`` in [0, 1].
-    A ``prefix_lm`` model generates as it was trained (decoder-only or joint encoder-decoder,
-    the head's ``generation_inputs``); any other model reads the prompt bidirectionally in its
-    language model."""
+    ``cfg`` lengths count new tokens unless ``cfg.new_tokens`` is False (default: 20 new tokens,
+    at least 1). A ``prefix_lm`` model generates as it was trained (decoder-only or joint
+    encoder-decoder, the head's ``generation_inputs``); any other model reads the prompt
+    bidirectionally in its language model."""
     model, pixels, experts = _pixels(source, processor, images)
     if len(prompts) != pixels.shape[0]:
         raise ValueError(f"{pixels.shape[0]} images but {len(prompts)} prompts")
@@ -75,9 +76,9 @@ def prefix_generate(
         mask,
         processor.eos,
         processor.pad,
-        cfg or BeamConfig(),
+        cfg or BeamConfig(max_length=20, min_length=1, new_tokens=True),
     )
-    return [processor.decode(o) for o in out]
+    return [processor.decode(o) for o in out.new_tokens(processor.eos, processor.pad)]
 
 
 def prefix_caption(
@@ -101,5 +102,5 @@ def prefix_vqa(
     cfg: BeamConfig | None = None,
 ) -> list[str]:
     """Open-ended VQA: generate after ``prompt.format(question)`` read as the prefix."""
-    cfg = cfg or BeamConfig(beams=3, max_length=8, min_length=1)
+    cfg = cfg or BeamConfig(beams=3, max_length=8, min_length=1, new_tokens=True)
     return prefix_generate(source, processor, images, [prompt.format(q) for q in questions], cfg)

@@ -190,7 +190,7 @@ class PrefixLMObjective(nn.Module):
         positions = (mask.long().cumsum(1) - 1).clamp(min=0)
         text = self.text_proj(model.language.embed(ids, positions))
         if images is None:
-            return model.vision_proj(model.vision.encode(text, mask)), mask
+            return model.vision.encode(text, mask), mask
         memory = model.encode_image(images, experts, text=text, text_mask=mask)
         image_tokens = mask.new_ones(mask.shape[0], memory.shape[1] - ids.shape[1])
         return memory, torch.cat([image_tokens, mask], 1)

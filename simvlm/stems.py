@@ -113,5 +113,5 @@ class NoAdaptor(nn.Identity):
 
     name = "none"
 
-    def __init__(self, *, width: int, hidden: int) -> None:
+    def __init__(self, *, width: int, hidden: int, **_: object) -> None:
         super().__init__()

@@ -73,6 +73,22 @@ class FakeDense(Expert):
         return LabelMap(images * inputs["edge"].values)
 
 
+class FakeInstances(Expert):
+    """A semantic instance expert: two boxes per image, each its own instance of "thing"."""
+
+    name = "fake_instances"
+    kind = "semantic"
+    channels = 64
+    instances = True
+
+    def predict(self, images, inputs):
+        b, _, h, w = images.shape
+        idx = torch.zeros(b, h, w, dtype=torch.long)
+        idx[:, : h // 2, : w // 2] = 1
+        idx[:, h // 2 :, w // 2 :] = 2
+        return LabelMap(idx, [["background", "thing", "thing"]] * b)
+
+
 class TestPlugin:
     __name__ = "test_plugin"
 
@@ -80,6 +96,7 @@ class TestPlugin:
     def register_experts(self, register):
         register(FakeSemantic)
         register(FakeDense)
+        register(FakeInstances)
 
 
 def write_tokenizer(folder: Path) -> None:
@@ -115,15 +132,32 @@ def write_tokenizer(folder: Path) -> None:
 
 
 def tiny_config(tiny_dir: Path, name: str = "tiny", **fields) -> ModelConfig:
-    """The registered tiny config with its backbones pointed at the saved tiny checkpoints."""
+    """The registered tiny config with its backbones pointed at the saved tiny checkpoints (and
+    the tiny tokenizer saved beside the BERT, 128 ids)."""
     host = get_plugin_manager()
     cfg = load_config(host.model_configs.get(name))
     cfg.vision.pretrained = str(tiny_dir / "clip")
     cfg.vision.act = "quick_gelu"
     cfg.language.pretrained = str(tiny_dir / "bert")
+    cfg.language.tokenizer = None
+    cfg.language.vocab_size = 128
     for key, value in fields.items():
         setattr(cfg, key, value)
     return cfg
+
+
+def tiny_cli_sets(tiny_dir: Path) -> list[str]:
+    """``--set`` arguments that point the registered tiny configs at the saved tiny checkpoints
+    (what :func:`tiny_config` does, for the command line)."""
+    bert = tiny_dir / "bert"
+    sets = [
+        f'vision.pretrained="{tiny_dir / "clip"}"',
+        'vision.act="quick_gelu"',
+        f'language.pretrained="{bert}"',
+        f'language.tokenizer="{bert}"',
+        "language.vocab_size=128",
+    ]
+    return [a for s in sets for a in ("--set", s)]
 
 
 def batch_for(model: PrismerModel, b: int = 2, seed: int = 0) -> dict:
@@ -139,7 +173,8 @@ def batch_for(model: PrismerModel, b: int = 2, seed: int = 0) -> dict:
             labels[name] = out.values
         else:
             table = torch.randn(len(out.names[0]), experts[name].channels, generator=g)
-            labels[name] = SemanticInput(out.values, table)
+            inst = out.values if experts[name].instances else None
+            labels[name] = SemanticInput(out.values, table, inst)
     ids = torch.randint(5, 60, (b, 9), generator=g)
     mask = torch.ones_like(ids)
     mask[1, -2:] = 0

@@ -36,7 +36,7 @@ def test_bench_quick_writes_all_sections(tmp_path):
         assert r["label_tiling"][method]["ms_per_batch"] > 0
     gen = r["generation"]
     assert gen["cache"]["captions_per_s"] > 0 and gen["no_cache"]["captions_per_s"] > 0
-    assert gen["cache"]["tokens_per_caption"] == gen["max_length"] - 1  # EOS not counted
+    assert gen["cache"]["tokens_per_caption"] == gen["new_tokens"]  # EOS blocked throughout
     labels = r["expert_labels"]
     assert {e["expert"] for e in labels["results"] if e["device"] == "cpu"} == {
         "edge",

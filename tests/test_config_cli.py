@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import tiny_cli_sets
 
 from prismkit.core.cli import main
 from prismkit.core.config import ConfigError, load_config
@@ -66,12 +67,7 @@ def test_train_smoke_end_to_end(tiny_dir, tmp_path, capsys):
     args = [
         "train",
         "tiny",
-        "--set",
-        f'vision.pretrained="{tiny_dir / "clip"}"',
-        "--set",
-        f'language.pretrained="{tiny_dir / "bert"}"',
-        "--set",
-        'vision.act="quick_gelu"',
+        *tiny_cli_sets(tiny_dir),
         "--steps",
         "12",
         "--batch-size",

@@ -16,6 +16,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tiny_sam import TINY_SAM, save_tiny_sam  # noqa: E402
 
 from prismkit.experts import Expert, LabelMap  # noqa: E402
 from prismkit.experts.cam import CAMSuperpixelSegmentation, CAMTags  # noqa: E402
@@ -25,6 +26,7 @@ from prismkit.experts.edges import CannyEdges  # noqa: E402
 from prismkit.experts.hed import HEDEdges  # noqa: E402
 from prismkit.experts.normals import NormalsExpert  # noqa: E402
 from prismkit.experts.ocr import OCRDetection  # noqa: E402
+from prismkit.experts.sam import SamSegmentation  # noqa: E402
 from prismkit.experts.segmentation import (  # noqa: E402
     Mask2FormerSegmentation,
     SuperpixelSegmentation,
@@ -33,7 +35,17 @@ from prismkit.experts.segmentation import (  # noqa: E402
 H, W = 32, 40
 
 # the built-in expert plugins: one module each, registered through its own entry point
-EXPERT_MODULES = ("cam", "depth", "detection", "edges", "hed", "normals", "ocr", "segmentation")
+EXPERT_MODULES = (
+    "cam",
+    "depth",
+    "detection",
+    "edges",
+    "hed",
+    "normals",
+    "ocr",
+    "sam",
+    "segmentation",
+)
 
 
 def _builtin_experts() -> list[type]:
@@ -151,7 +163,14 @@ def tiny_detr(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def make(tiny_dpt: str, tiny_mask2former: str, tiny_detr: str) -> dict[str, Callable[[], Expert]]:
+def tiny_sam(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(save_tiny_sam(tmp_path_factory.mktemp("sam") / "tiny_sam.pth"))
+
+
+@pytest.fixture(scope="module")
+def make(
+    tiny_dpt: str, tiny_mask2former: str, tiny_detr: str, tiny_sam: str
+) -> dict[str, Callable[[], Expert]]:
     """Factories of every built-in expert, the transformers ones on the tiny checkpoints."""
     return {
         "depth": lambda: DepthExpert(weights=tiny_dpt),
@@ -165,6 +184,14 @@ def make(tiny_dpt: str, tiny_mask2former: str, tiny_detr: str) -> dict[str, Call
         "edge_hed": lambda: HEDEdges(),
         "obj_tags_cam": lambda: CAMTags(),
         "seg_cam": lambda: CAMSuperpixelSegmentation(),
+        # thresholds 0 so the random model's low-quality masks are kept; 4x4 point prompts
+        "seg_sam": lambda: SamSegmentation(
+            weights=tiny_sam,
+            model_type=TINY_SAM,
+            points_per_side=4,
+            pred_iou_thresh=0.0,
+            stability_score_thresh=0.0,
+        ),
     }
 
 
@@ -175,11 +202,19 @@ def images() -> torch.Tensor:
 
 
 def _inputs(expert: Expert, images: torch.Tensor) -> dict[str, LabelMap]:
-    """Labels for ``expert.requires``: a smooth synthetic depth ramp for the normals."""
+    """Labels for ``expert.requires``: a smooth synthetic ramp for a dense requirement (the
+    normals' depth); for a semantic one (SAM's tagger), "cat" on the left, "dog" on the right."""
+    b = images.shape[0]
     out = {}
-    if "depth" in expert.requires:
-        ramp = torch.linspace(1.0, 2.0, W).expand(images.shape[0], 1, H, W).contiguous()
-        out["depth"] = LabelMap(ramp)
+    for r in expert.requires:
+        cls = next(c for c in BUILTIN_EXPERTS if c.name == r)
+        if cls.kind == "dense":
+            ramp = torch.linspace(1.0, 2.0, W).expand(b, cls.channels, H, W).contiguous()
+            out[r] = LabelMap(ramp)
+        else:
+            tags = torch.ones(b, H, W, dtype=torch.long)
+            tags[..., W // 2 :] = 2
+            out[r] = LabelMap(tags, [["background", "cat", "dog"]] * b)
     return out
 
 
@@ -271,6 +306,7 @@ def test_builtin_plugin_registers_every_expert() -> None:
             "edge_hed",
             "obj_tags_cam",
             "seg_cam",
+            "seg_sam",
         ]
     )
     assert len(set(names)) == len(names)
@@ -290,6 +326,7 @@ def test_builtin_plugin_registers_every_expert() -> None:
         "edge_hed": 1,
         "obj_tags_cam": 64,
         "seg_cam": 64,
+        "seg_sam": 64,
     }
 
 
@@ -355,6 +392,77 @@ def test_weights_status_ocr(monkeypatch) -> None:
     monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
     status = OCRDetection().weights_status()
     assert not status.available and "onnxruntime" in status.where
+
+
+# ---------------------------------------------------------------- shared transformers loader
+
+HF_EXPERTS = [DepthExpert, Mask2FormerSegmentation, ObjectDetection]
+
+
+@pytest.mark.parametrize("cls", HF_EXPERTS)
+def test_hf_experts_fail_loading_in_the_same_words(cls, tmp_path: Path) -> None:
+    """One loader: a missing or empty folder, or a broken checkpoint, is one line naming the
+    expert, and the words of ``weights_status``; nothing is kept half-loaded."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for ref in (empty, tmp_path / "missing"):
+        expert = cls(weights=str(ref))
+        with pytest.raises(FileNotFoundError) as e:
+            expert.load()
+        assert str(e.value) == (
+            f"expert {cls.name!r} has no weights here: {expert.weights_status().where}"
+        )
+        assert expert._model is None
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises((FileNotFoundError, ValueError), match=f"expert '{cls.name}'.*broken") as e:
+        cls(weights=str(broken)).load()
+    assert "\n" not in str(e.value)
+
+
+def test_a_fourth_hf_expert_is_a_few_lines(tmp_path: Path, images: torch.Tensor) -> None:
+    """An image classifier as a semantic expert (its top class over the whole image), on a tiny
+    random ViT, through the shared base class and loader."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from prismkit.experts._common import check_images
+    from prismkit.experts._hf import HFExpert
+
+    class WholeImageClass(HFExpert):
+        name = "image_class"
+        kind = "semantic"
+        channels = 64
+        default_weights = "google/vit-base-patch16-224"
+        auto_model = "AutoModelForImageClassification"
+
+        def predict(self, images, inputs):
+            b, h, w = check_images(self.name, images)
+            top = self.model(**self.model_inputs(images)).logits.argmax(-1).tolist()
+            names = [["background", self.model.config.id2label[t]] for t in top]
+            return self.check_output(LabelMap(torch.ones(b, h, w, dtype=torch.long), names), images)
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=32,
+        patch_size=8,
+        id2label={0: "cat", 1: "dog"},
+        label2id={"cat": 0, "dog": 1},
+    )
+    folder = tmp_path / "vit"
+    ViTForImageClassification(cfg).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    expert = WholeImageClass(weights=str(folder))
+    assert expert.weights_status().available
+    out = expert.predict(images, {})
+    assert all(n[1] in ("cat", "dog") for n in out.names)
+    missing = WholeImageClass(weights=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="'image_class' has no weights here"):
+        missing.load()
 
 
 # ---------------------------------------------------------------- depth

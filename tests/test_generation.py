@@ -1,13 +1,17 @@
-"""Beam search with and without the cache, and candidate ranking, against direct computation."""
+"""Beam search (transformers' semantics) with and without the cache, and answer ranking, against
+direct computation. Exact agreement with the reference is tested in test_prismer_parity.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import batch_for
 
-from prismkit.core.generation import BeamConfig, beam_search, score_candidates
+from prismkit.core.generation import BeamConfig, beam_search, generate_beams, rank_answers
 from prismkit.core.model import create_model
+
+EOS, PAD = 3, 0
 
 
 @pytest.fixture
@@ -28,26 +32,15 @@ def trained_ish(host, tiny_cfg):
 
 def test_cached_equals_uncached(trained_ish):
     model, vision, ids, mask = trained_ish
-    a = beam_search(
-        model.language,
-        vision,
-        ids,
-        mask,
-        eos=3,
-        pad=0,
-        cfg=BeamConfig(beams=3, max_length=10, min_length=2),
-    )
+    cfg = BeamConfig(beams=3, max_length=12, min_length=6)
+    a = beam_search(model.language, vision, ids, mask, EOS, PAD, cfg)
     b = beam_search(
-        model.language,
-        vision,
-        ids,
-        mask,
-        eos=3,
-        pad=0,
-        cfg=BeamConfig(beams=3, max_length=10, min_length=2, use_cache=False),
+        model.language, vision, ids, mask, EOS, PAD, BeamConfig(**{**vars(cfg), "use_cache": False})
     )
-    assert a == b
-    assert all(2 <= len(x) <= 10 for x in a)
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
+    assert torch.equal(a.sequences[:, :4], ids)  # the prompt comes back first
+    assert 6 <= a.sequences.shape[1] <= 12  # lengths count the prompt, as in transformers
 
 
 def test_beam_one_is_greedy(trained_ish):
@@ -57,57 +50,116 @@ def test_beam_one_is_greedy(trained_ish):
         vision,
         ids,
         mask,
-        eos=3,
-        pad=0,
-        cfg=BeamConfig(beams=1, max_length=6, min_length=0, length_penalty=0),
+        EOS,
+        PAD,
+        BeamConfig(beams=1, max_length=9, min_length=0, length_penalty=0),
     )
     seq, m = ids.clone(), mask.clone()
-    greedy = [[], []]
-    for _ in range(5):  # max_length counts the EOS forced at the last step
+    for _ in range(5):
         h, _ = model.language(seq, vision, m)
         nxt = model.language.logits(h[:, -1]).argmax(-1)
-        for i in range(2):
-            greedy[i].append(nxt[i].item())
-        seq, m = (
-            torch.cat([seq, nxt[:, None]], 1),
-            torch.cat([m, torch.ones(2, 1, dtype=torch.long)], 1),
-        )
-    for o, g in zip(out, greedy, strict=True):
-        assert o == (g[: g.index(3)] if 3 in g else g)
+        seq = torch.cat([seq, nxt[:, None]], 1)
+        m = torch.cat([m, torch.ones(2, 1, dtype=torch.long)], 1)
+    for row, greedy in zip(out.new_tokens(EOS, PAD), seq[:, 4:].tolist(), strict=True):
+        assert row == (greedy[: greedy.index(EOS)] if EOS in greedy else greedy)
 
 
-def test_min_length_blocks_eos(trained_ish):
+def test_min_length_blocks_eos_and_counts_the_prompt(trained_ish):
     model, vision, ids, mask = trained_ish
     with torch.no_grad():
-        model.language.head.bias[3] = 50.0  # EOS is overwhelmingly likely
+        model.language.head.bias[EOS] = 50.0  # EOS is overwhelmingly likely
     out = beam_search(
         model.language,
         vision,
         ids,
         mask,
+        EOS,
+        PAD,
+        BeamConfig(beams=2, max_length=12, min_length=9),
+    )
+    # EOS first allowed when the sequence (4 prompt tokens) is 9 long: 5 new tokens, then EOS
+    assert out.sequences.shape == (2, 10)
+    assert (out.sequences[:, 9] == EOS).all() and (out.sequences[:, 4:9] != EOS).all()
+
+
+def _toy_step(table: torch.Tensor):
+    """A 'model' whose next-token logits depend on the last token only: ``table[last]``."""
+
+    def step(ids, mask, cache):
+        return table[ids[:, -1]], None
+
+    return step
+
+
+def test_beam_search_semantics_on_a_toy_model():
+    """Hand-checkable: log-softmax, then min length, then beams; EOS closes a hypothesis scored
+    sum_logprobs / len (prompt included)."""
+    v = 5
+    logits = torch.full((v, v), -5.0)
+    logits[0, 1] = 2.0  # after the prompt token 0: 1 is best, EOS (4) second
+    logits[0, 4] = 1.0
+    logits[1, 4] = 3.0  # after 1: EOS
+    logits[2, 4] = 3.0
+    logits[3, 4] = 3.0
+    logp = F.log_softmax(logits, -1)
+    step = _toy_step(logits)
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    cfg = BeamConfig(beams=2, max_length=5, min_length=0, use_cache=False)
+    out = generate_beams(step, prompt, torch.ones_like(prompt), cfg, eos=4, pad=0)
+    # hypotheses: [0] + EOS (score logp[0,4] / 1) and [0, 1] + EOS ((logp[0,1] + logp[1,4]) / 2)
+    best = max(logp[0, 4] / 1, (logp[0, 1] + logp[1, 4]) / 2)
+    torch.testing.assert_close(out.scores[0], best)
+    # min_length forbids the early EOS: the longer hypothesis wins
+    cfg_min = BeamConfig(beams=2, max_length=5, min_length=2, use_cache=False)
+    out = generate_beams(step, prompt, torch.ones_like(prompt), cfg_min, eos=4, pad=0)
+    assert out.sequences[0].tolist()[:3] == [0, 1, 4]
+
+
+def test_repetition_penalty_applies_to_log_probs_including_the_prompt():
+    v = 4
+    logits = torch.zeros(v, v)
+    logits[:, 2] = 1.0  # token 2 is always best
+    step = _toy_step(logits)
+    prompt = torch.tensor([[2]])
+    plain = generate_beams(
+        step,
+        prompt,
+        torch.ones_like(prompt),
+        BeamConfig(beams=1, max_length=2, min_length=0, use_cache=False),
         eos=3,
         pad=0,
-        cfg=BeamConfig(beams=2, max_length=8, min_length=5),
     )
-    assert all(len(x) == 5 for x in out)
+    assert plain.sequences[0, 1] == 2
+    penalised = generate_beams(
+        step,
+        prompt,
+        torch.ones_like(prompt),
+        BeamConfig(beams=1, max_length=2, min_length=0, repetition_penalty=5.0, use_cache=False),
+        eos=3,
+        pad=0,
+    )
+    assert penalised.sequences[0, 1] != 2  # the prompt's 2 was penalised (log p * 5)
 
 
-def test_candidate_scores_match_direct_likelihood(trained_ish):
-    model, vision, ids, mask = trained_ish
-    cands = [[30, 3], [31, 32, 3], [33, 34, 35, 3]]
-    scores = score_candidates(model.language, vision, ids, mask, cands, pad=0)
+def test_rank_answers_matches_direct_likelihood(trained_ish):
+    model, vision, _, _ = trained_ish
+    q = torch.tensor([[2, 20, 21, 22], [2, 23, 0, 0]])  # right-padded questions
+    qm = (q != 0).long()
+    a = torch.tensor([[30, 3, 0, 0], [31, 32, 3, 0], [33, 34, 35, 3]])
+    am = (a != 0).long()
+    r = rank_answers(model.language, vision, q, qm, a, am, k=3, label_smoothing=0.0)
     for b in range(2):
-        for c, cand in enumerate(cands):
-            seq = torch.cat([ids[b : b + 1], torch.tensor([cand])], 1)
-            m = torch.cat([mask[b : b + 1], torch.ones(1, len(cand), dtype=torch.long)], 1)
+        for j, c in enumerate(r.topk_ids[b].tolist()):
+            n = int(am[c].sum())
+            seq = torch.cat([q[b], a[c, :n]])[None]
+            m = torch.cat([qm[b], am[c, :n]])[None]
             h, _ = model.language(seq, vision[b : b + 1], m)
-            logp = model.language.logits(h[0, ids.shape[1] - 1 : -1]).log_softmax(-1)
-            direct = logp.gather(-1, torch.tensor(cand)[:, None]).mean()
-            torch.testing.assert_close(scores[b, c], direct, atol=1e-4, rtol=1e-4)
-    top = score_candidates(model.language, vision, ids, mask, cands, pad=0, top_k=2)
-    assert (torch.isfinite(top).sum(-1) == 2).all()
-    finite = torch.isfinite(top)
-    torch.testing.assert_close(top[finite], scores[finite])
+            logp = model.language.logits(h[0, q.shape[1] - 1 : -1]).log_softmax(-1)
+            direct = logp.gather(-1, a[c, :n, None]).mean()
+            torch.testing.assert_close(r.scores[b, j], direct, atol=1e-4, rtol=1e-4)
+    assert r.answer_index.tolist() == [int(r.topk_ids[b, r.scores[b].argmax()]) for b in range(2)]
+    top2 = rank_answers(model.language, vision, q, qm, a, am, k=2, label_smoothing=0.0)
+    assert top2.scores.shape == (2, 2) and torch.equal(top2.topk_ids, r.topk_ids[:, :2])
 
 
 def test_text_only_decoding_skips_cross_attention(trained_ish):

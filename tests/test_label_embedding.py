@@ -242,8 +242,8 @@ def test_semantic_input_feeds_the_model(embedder: LabelEmbedder) -> None:
     inp = semantic_input(seg, embedder)
     edges = host.expert("edge")().predict(images, {}).values
     maps = model.expert_maps({"edge": edges, "seg_superpixel": inp}, 2)
-    sem = maps[1]
-    assert sem.shape == (2, 64, 32, 32)
+    sem, instances = maps[1]
+    assert sem.shape == (2, 64, 32, 32) and instances is None
     for b in range(2):
         want = embedder.embed(seg.names[b])[seg.values[b]].permute(2, 0, 1)
         assert torch.allclose(sem[b], want)

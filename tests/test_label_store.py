@@ -429,3 +429,119 @@ def test_cli_run(tmp_path: Path, vqa_dir: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "12 images: 12 label files written" in out
     assert len(list((tmp_path / "s" / "edge" / "v1" / "32px").rglob("*.safetensors"))) == 12
+
+
+# ------------------------------------------------------------------ damage, stray temporaries
+def test_truncated_label_file_is_recomputed_on_rerun(tmp_path: Path, vqa_dir: Path) -> None:
+    """A truncated file used to count as stored forever; now its size is checked against its
+    header, so a plain rerun recomputes exactly that file."""
+    store = LabelStore(tmp_path / "store")
+    run_experts([vqa_dir], {"counting": Counting()}, store)
+    want = _digests(store.root)
+    victim = sorted(store.root.rglob("*.safetensors"))[3]
+    raw = victim.read_bytes()
+    victim.write_bytes(raw[: len(raw) - 100])
+    assert not store.has_key(victim.stem, Counting)
+    with pytest.raises(ValueError, match="cannot be read"):
+        store.get_key(victim.stem, Counting)
+    Counting.seen[0] = 0
+    report = run_experts([vqa_dir], {"counting": Counting()}, store)
+    assert Counting.seen[0] == 1 and report.computed == 1 and report.skipped == 11
+    assert len(report.repaired) == 1 and str(victim) in report.repaired[0]
+    assert "truncated" in report.summary() and _digests(store.root) == want
+
+
+def test_corrupt_label_file_is_caught_by_checksum_and_verify(
+    tmp_path: Path, vqa_dir: Path, capsys
+) -> None:
+    """Same size, flipped bytes: reading names the file and the fix; `experts run --verify`
+    recomputes it (a plain rerun trusts the size)."""
+    parser = build_parser(_host())
+    argv = ["experts", "run", str(vqa_dir), "--store", str(tmp_path / "s"), "--experts", "edge", "--device", "cpu"]  # fmt: skip
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    store = LabelStore(tmp_path / "s")
+    want = _digests(store.root)
+    victim = sorted(store.root.rglob("*.safetensors"))[0]
+    raw = bytearray(victim.read_bytes())
+    raw[-5] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    edge = _host().expert("edge")
+    with pytest.raises(ValueError, match=r"is damaged \(checksum mismatch\).*--verify"):
+        store.get_key(victim.stem, edge)
+    capsys.readouterr()
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0 and "12 already stored" in capsys.readouterr().out
+    args = parser.parse_args([*argv, "--verify"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "1 label files written, 11 already stored" in out
+    assert "1 damaged label file(s) recomputed" in out and "checksum mismatch" in out
+    assert _digests(store.root) == want
+
+
+def test_killed_two_worker_run_leaves_no_stray_temporary(tmp_path: Path, vqa_dir: Path) -> None:
+    """kill -9 of a 2-worker run in the middle of a label write: the next run deletes the
+    temporary file the dead worker left (it used to stay forever) and completes the store."""
+    script = tmp_path / "hang_run.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys, time
+            from prismkit.core.expert import Expert, LabelMap
+            from prismkit.labels import store as store_mod
+            from prismkit.labels.runner import run_experts
+            from prismkit.labels.store import LabelStore
+
+            real = store_mod.atomic_write
+
+            def hanging(path, write):  # the 3rd write of each worker hangs half-written
+                hanging.n += 1
+                if hanging.n < 3:
+                    return real(path, write)
+                def half(tmp):
+                    write(tmp)
+                    print("hung", flush=True)
+                    time.sleep(120)
+                real(path, half)
+
+            hanging.n = 0
+
+            class Slow(Expert):
+                name, kind, channels = "slow", "dense", 1
+
+                def predict(self, images, inputs):
+                    store_mod.atomic_write = hanging
+                    return LabelMap(images.mean(1, keepdim=True))
+
+            if __name__ == "__main__":
+                run_experts([sys.argv[1]], {"slow": Slow()}, LabelStore(sys.argv[2]), batch_size=1, num_workers=2)
+            """
+        )
+    )
+    root = tmp_path / "store"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(vqa_dir), str(root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 90
+    while len(list(root.rglob(".*.tmp"))) < 2:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]  # type: ignore[union-attr]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole run: parent and both workers
+    proc.wait()
+    time.sleep(0.2)
+    stray = list(root.rglob(".*.tmp"))
+    assert len(stray) == 2 and len(list(root.rglob("*.safetensors"))) == 4
+    Slow.seen[0] = 0
+    report = run_experts([vqa_dir], {"slow": Slow()}, LabelStore(root), num_workers=1)
+    assert (
+        report.stale_removed == 2
+        and "2 temporary file(s) of killed runs deleted" in report.summary()
+    )
+    assert list(root.rglob(".*.tmp")) == [] and len(list(root.rglob("*.safetensors"))) == 12
+    assert report.computed == Slow.seen[0] == 8

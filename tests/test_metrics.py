@@ -12,8 +12,11 @@ from prismkit.engine.metrics import (
     bleu,
     caption_scores,
     cider_d,
+    java_caption_scores,
+    java_metrics_missing,
     normalize_vqa_answer,
     ptb_tokenize,
+    rouge_l,
     topk_accuracy,
     vqa_accuracy,
     vqa_scores,
@@ -91,6 +94,89 @@ def test_bleu_and_cider_match_pycocoevalcap_on_the_same_tokens() -> None:
     assert 0.05 < want_bleu[3] < 0.95 and 0.1 < want_cider < 5  # a non-degenerate mix
 
 
+def test_rouge_l_matches_pycocoevalcap_number_for_number() -> None:
+    """pycocoevalcap's Rouge (pure Python: no Java) on the same tokens, per id and the mean;
+    plus its quirks: best precision and best recall taken separately over the references, and
+    an empty caption counted as one empty token."""
+    rouge_mod = pytest.importorskip("pycocoevalcap.rouge.rouge")
+    preds, refs = _caption_sets(n_images=40, seed=1)
+    res = {k: [ptb_tokenize(v)] for k, v in preds.items()}
+    gts = {k: [ptb_tokenize(r) for r in v] for k, v in refs.items()}
+    res[0] = [""]  # an empty prediction
+    gts[1] = ["a b c d e f g h i j", "a"]  # precision and recall peak on different references
+    res[1] = ["a b c"]
+    want, want_per = rouge_mod.Rouge().compute_score(gts, res)
+    got, got_per = rouge_l({k: v[0] for k, v in res.items()}, gts)
+    assert got == pytest.approx(float(want), abs=1e-12)
+    np.testing.assert_allclose([got_per[k] for k in gts], want_per, rtol=0, atol=1e-12)
+    assert 0.1 < got < 0.95  # a non-degenerate mix
+    assert got_per[0] == 0.0
+    # p = max(3/3, 1/3) = 1 (1st ref), r = max(3/10, 1/1) = 1 (2nd) -> 1.0, where the best
+    # per-reference F-measure would be 0.55
+    assert got_per[1] == pytest.approx(1.0)
+
+
+def test_java_metrics_say_what_is_missing(monkeypatch) -> None:
+    """Without Java: METEOR and SPICE are named as unavailable with the fix, 'auto' evaluation
+    leaves them out with a note, and asking for them is a clear error."""
+    import prismkit.engine.metrics as metrics
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    why = java_metrics_missing()
+    assert set(why) == {"METEOR", "SPICE"}
+    assert "needs Java" in why["METEOR"] and "apt install default-jre-headless" in why["METEOR"]
+    with pytest.raises(RuntimeError, match="METEOR needs Java"):
+        java_caption_scores({1: "a dog"}, {1: ["a dog"]}, ["METEOR"])
+    with pytest.raises(RuntimeError, match="METEOR needs Java"):
+        caption_scores({1: "a dog"}, {1: ["a dog"]}, java=["METEOR"])
+    with pytest.raises(ValueError, match="unknown Java metric"):
+        java_metrics_missing(["BLEURT"])
+    from prismkit.engine.evaluate import _java_metrics
+
+    assert _java_metrics("off") == ()
+    assert metrics.java_metrics_missing() and _java_metrics("auto") == ()
+    with pytest.raises(ValueError, match="eval.java_metrics = 'on': METEOR needs Java"):
+        _java_metrics("on")
+
+
+def test_spice_without_corenlp_is_named(monkeypatch, tmp_path) -> None:
+    """SPICE also needs Stanford CoreNLP, which pycocoevalcap downloads on first use: without it
+    the message says where it goes and how to get it (no silent download)."""
+    import importlib.util
+
+    pytest.importorskip("pycocoevalcap")
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/java")
+    real = importlib.util.find_spec
+
+    class Spec:
+        submodule_search_locations = [str(tmp_path)]
+
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: Spec() if n == "pycocoevalcap" else real(n, *a)
+    )
+    why = java_metrics_missing()
+    assert "METEOR" not in why
+    assert (
+        "stanford-corenlp-3.6.0.jar" in why["SPICE"]
+        and str(tmp_path / "spice" / "lib") in why["SPICE"]
+    )
+
+
+@needs_java
+def test_meteor_through_pycocoevalcap_java() -> None:
+    """With Java: METEOR is pycocoevalcap's own jar on the PTB-tokenised captions."""
+    meteor_mod = pytest.importorskip("pycocoevalcap.meteor.meteor")
+    preds = {1: "A dog runs on the grass.", 2: "a green triangle"}
+    refs = {1: ["a dog runs on the grass", "a brown dog running"], 2: ["a blue square"]}
+    got = caption_scores(preds, refs, java=["METEOR"])
+    gts = {str(i): [ptb_tokenize(r) for r in refs[k]] for i, k in enumerate(refs)}
+    res = {str(i): [ptb_tokenize(preds[k])] for i, k in enumerate(preds)}
+    scorer = meteor_mod.Meteor()
+    want = scorer.compute_score(gts, res)[0]
+    del scorer
+    assert got["METEOR"] == pytest.approx(want, abs=1e-9) and 0.05 < got["METEOR"] < 1
+
+
 @needs_java
 def test_caption_scores_match_pycocoevalcap_with_java_ptbtokenizer() -> None:
     bleu_ref, cider_ref = _coco_scorers()
@@ -154,7 +240,8 @@ def test_caption_scores_perfect_and_validation() -> None:
     refs = {1: ["a dog runs on the grass", "a brown dog running"], 2: ["a red bus on a street"]}
     refs[3] = ["two people eat pizza"]
     scores = caption_scores({1: "A dog runs on the grass.", 2: "a red bus on a street"}, refs)
-    assert set(scores) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "CIDEr"}
+    assert set(scores) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"}
+    assert scores["ROUGE_L"] == pytest.approx(1.0)
     assert scores["Bleu_4"] == pytest.approx(1.0, abs=1e-6)  # id 3 is unpredicted: ignored
     with pytest.raises(ValueError, match="'img-7'"):
         caption_scores({"img-7": "a cat"}, {"img-8": ["a cat"]})

@@ -25,16 +25,21 @@ def test_forward_backward_reaches_exactly_the_trainable_parameters(host, tiny_cf
 
 
 def expected_trainable(model: PrismerModel, prismerz: bool) -> set[str]:
-    """The paper's pre-training set, written out name by name for the tiny config."""
+    """The reference's pre-training set (``freeze_lang_vision``), written out name by name for the
+    tiny config: the ViT blocks' attention, MLP and ln_1/ln_2 and the language layers'
+    self-attention and feed-forward (with their LayerNorms) are frozen; the RGB patch conv,
+    positions, ln_pre/ln_post, adaptors, cross-attention, the output layer, embeddings, the LM
+    head, expert stems, resampler and instance embeddings train."""
     names = {
         "vision.position_embedding",
+        "vision.stem.proj.weight",
         "vision.pre_layrnorm.weight",
         "vision.pre_layrnorm.bias",
         "vision.post_layernorm.weight",
         "vision.post_layernorm.bias",
     }
     for i in range(2):
-        for part in ("adaptor.norm", "adaptor.down", "adaptor.up", "layer_norm1", "layer_norm2"):
+        for part in ("adaptor.norm", "adaptor.down", "adaptor.up"):
             names |= {f"vision.layers.{i}.{part}.weight", f"vision.layers.{i}.{part}.bias"}
         for part in (
             "cross_attn.q_proj",
@@ -45,10 +50,10 @@ def expected_trainable(model: PrismerModel, prismerz: bool) -> set[str]:
             "adaptor.norm",
             "adaptor.down",
             "adaptor.up",
-            "attn_norm",
-            "ffn_norm",
         ):
             names |= {f"language.layers.{i}.{part}.weight", f"language.layers.{i}.{part}.bias"}
+    names |= {n for n, _ in model.named_parameters() if n.startswith("language.output_layer.")}
+    assert any(n.startswith("language.output_layer.self_attn") for n in names)
     names |= {
         "language.word_embeddings.weight",
         "language.position_embeddings.weight",
@@ -87,17 +92,45 @@ def test_finetune_unfreezes_the_language_model(host, tiny_cfg):
         n for n, p in model.named_parameters() if n.startswith("language.") and p.requires_grad
     }
     assert not model.vision.layers[0].self_attn.q_proj.weight.requires_grad
+    assert not model.vision.layers[0].layer_norm1.weight.requires_grad
     with pytest.raises(ValueError, match="stage"):
         model.freeze("everything")
 
 
-def test_new_parts_start_as_identity(host, tiny_cfg):
-    """Zero-initialised adaptors and cross-attention leave the frozen language model unchanged."""
+def test_zero_init_adaptors_are_an_option(host, tiny_cfg):
+    """The reference initialises its adaptors at random; ``adaptor.zero_init`` (an option) starts
+    the pre-norm vision adaptors as the identity instead."""
     model = create_model(tiny_cfg, host)
-    ids = torch.randint(5, 60, (2, 7))
-    a, _ = model.language(ids, torch.randn(2, 5, 32))
-    b, _ = model.language(ids, torch.randn(2, 5, 32) * 10)
+    x = torch.randn(2, 5, 32)
+    assert not torch.allclose(model.vision.layers[0].adaptor(x), x)
+    tiny_cfg.adaptor.zero_init = True
+    model = create_model(tiny_cfg, host)
+    torch.testing.assert_close(model.vision.layers[0].adaptor(x), x)
+    lang = model.language.layers[0].adaptor
+    torch.testing.assert_close(lang(x), lang.norm(x))  # post-norm: LN(x + 0)
+
+
+def test_instance_experts_get_instance_embeddings(host, tiny_dir):
+    """An instance expert (the contract's ``instances``) gets one of 128 learned rows per
+    instance id present in the batch, drawn at every forward; ``instance_rows`` replays a draw."""
+    from helpers import FakeInstances
+
+    cfg = tiny_config(tiny_dir, experts=["fake_instances"])
+    model = create_model(cfg, host).eval()
+    assert model.instance_embedding.shape == (128, 32)
+    batch = batch_for(model)
+    ids = batch["experts"]["fake_instances"].instances
+    n = len(torch.unique(ids))
+    rows = torch.arange(n)
+    a = model.encode_image(batch["images"], batch["experts"], instance_rows=rows)
+    b = model.encode_image(batch["images"], batch["experts"], instance_rows=rows)
     torch.testing.assert_close(a, b)
+    torch.manual_seed(0)
+    c = model.encode_image(batch["images"], batch["experts"])
+    torch.manual_seed(0)
+    d = model.encode_image(batch["images"], batch["experts"])
+    torch.testing.assert_close(c, d)  # reproducible from torch's generator
+    assert FakeInstances.instances
 
 
 def test_semantic_and_dependent_experts(host, tiny_dir):
@@ -107,15 +140,15 @@ def test_semantic_and_dependent_experts(host, tiny_dir):
     assert set(batch["experts"]) == {"edge", "fake_dense", "fake_semantic"}
     assert isinstance(batch["experts"]["fake_semantic"], SemanticInput)
     model(**batch).loss.backward()
-    assert model.expert_stems["fake_semantic"].convs[0][0].weight.grad is not None
+    assert model.expert_stems["fake_semantic"].convs[0].weight.grad is not None
 
 
 def test_expert_tokens_go_through_the_resampler(host, tiny_cfg):
     model = create_model(tiny_cfg, host)
     batch = batch_for(model)
     vision = model.encode_image(batch["images"], batch["experts"])
-    grid = (32 // 8) ** 2
-    assert vision.shape == (2, 1 + grid + tiny_cfg.resampler.latents, 32)
+    grid = (32 // 8) ** 2  # no class token: the RGB patches, then the resampled latents
+    assert vision.shape == (2, grid + tiny_cfg.resampler.latents, 32)
 
 
 def test_bad_images_name_the_problem_and_the_fix(host, tiny_cfg):
@@ -145,7 +178,7 @@ def test_prismerz_rejects_expert_inputs(host, tiny_dir):
 def test_text_longer_than_the_language_model_is_refused(host, tiny_cfg):
     model = create_model(tiny_cfg, host)
     with pytest.raises(ValueError, match="limit of 64"):
-        model.language(torch.ones(1, 65, dtype=torch.long), torch.randn(1, 3, 32))
+        model.language(torch.full((1, 65), 5, dtype=torch.long), torch.randn(1, 3, 32))
 
 
 def test_unknown_or_disabled_expert(tiny_dir):
@@ -169,8 +202,8 @@ def test_every_image_stem(host, tiny_dir, stem):
     batch = batch_for(model)
     model(**batch).loss.backward()
     grads = [p.grad is not None for p in model.vision.stem.parameters() if p.requires_grad]
-    if stem == "patch":  # CLIP's patch embedding is frozen with the backbone
-        assert grads == []
+    if stem == "patch":  # the RGB patch conv trains, as in the reference
+        assert grads == [True]
     else:  # the frozen CNN's new projection trains
         assert grads and all(grads)
 

@@ -249,6 +249,27 @@ def test_itm_weighting_switches_on_after_warmup(tiny_dir, muvla_host):
     assert float(model(**batch, epoch=1).parts["weighted"]) == 1.0
 
 
+def test_muvla_warmup_counts_optimizer_steps_and_resumes(tiny_dir, muvla_host):
+    """The loop's ``begin_step`` drives the warm-up, not the forward count (gradient accumulation
+    runs several forwards per step), and the counters travel in checkpoints."""
+    from prismkit.core.checkpoint import checkpoint_state
+
+    torch.manual_seed(0)
+    model, batch = _model_and_batch(tiny_dir, muvla_host, warmup_steps=2)
+    model.train()
+    flags = []
+    for step in range(3):
+        model.begin_step(step)
+        flags += [float(model(**batch).parts["weighted"]) for _ in range(2)]  # 2 micro-batches
+    assert flags == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    state = checkpoint_state(model)
+    assert int(state["objective.step"]) == 2 and int(state["objective.calls"]) == 6
+    fresh, _ = _model_and_batch(tiny_dir, muvla_host, warmup_steps=2)
+    fresh.load_state_dict(state, strict=False)
+    fresh.train()
+    assert float(fresh(**batch).parts["weighted"]) == 1.0  # resumed past the warm-up
+
+
 def test_two_training_steps(tiny_dir, muvla_host, tmp_path):
     images = write_images(tmp_path / "img", [(250, 10, 10), (10, 250, 10), (250, 250, 10)])
     rows = [
@@ -418,7 +439,9 @@ def byte_level_tokenizer():
 
 def test_byte_level_punctuation_is_never_an_mlm_target(tiny_dir):
     tok = byte_level_tokenizer()
-    proc = Processor(tok, tiny_config(tiny_dir))
+    cfg = tiny_config(tiny_dir)
+    cfg.language.vocab_size = len(tok)  # the processor checks the ids fit the model
+    proc = Processor(tok, cfg)
     sentence = "a red circle , a blue square ."
     ids = tok(sentence, add_special_tokens=False)["input_ids"]
     pieces = tok.convert_ids_to_tokens(ids)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -320,7 +321,7 @@ def test_joint_encoder_is_bidirectional_over_image_and_prefix(joint):
     obj = joint.objective
     memory, memory_mask = obj.encode(joint, images, None, ids, mask)
     n_img = memory.shape[1] - 4
-    assert n_img == 1 + 16 and memory_mask.tolist() == [[1] * (n_img + 4)]
+    assert n_img == 16 and memory_mask.tolist() == [[1] * (n_img + 4)]
     other = ids.clone()
     other[0, 3] += 1  # the last prefix token reaches every image token and the first text one
     changed, _ = obj.encode(joint, images, None, other, mask)
@@ -402,7 +403,7 @@ def test_joint_generation_cached_equals_uncached_and_predictor_uses_it(joint, ti
         joint, images, None, p["input_ids"], p["attention_mask"]
     )
     assert isinstance(dec, JointDecoder) and ids.tolist() == [[processor.bos]] * 2
-    assert memory.shape[1] == 17 + p["input_ids"].shape[1]
+    assert memory.shape[1] == 16 + p["input_ids"].shape[1]
     h1, cache = dec(ids, memory, mask)
     for r in range(2):  # each row as if alone (no padding): the padded prompt is hidden
         alone = processor.prompts(questions[r : r + 1])
@@ -445,10 +446,10 @@ def test_prefix_decoder_cache_matches_full_recompute(model):
 def test_prefix_caption_and_vqa(model, tiny_dir):
     processor = Processor.from_config(model.config)
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    cfg = BeamConfig(beams=2, max_length=5, min_length=2)
+    cfg = BeamConfig(beams=2, max_length=5, min_length=2, new_tokens=True)
     caps = prefix_caption(model, processor, images, cfg=cfg)
     assert len(caps) == 2 and all(isinstance(c, str) and c for c in caps)
-    uncached = BeamConfig(beams=2, max_length=5, min_length=2, use_cache=False)
+    uncached = BeamConfig(beams=2, max_length=5, min_length=2, new_tokens=True, use_cache=False)
     assert prefix_caption(model, processor, images, cfg=uncached) == caps
     predictor = Predictor(model, processor, lambda pixels, ids: {})
     assert prefix_caption(predictor, processor, images, cfg=cfg) == caps
@@ -569,10 +570,14 @@ def test_training_loop_mixes_text_only_samples(tiny_dir, tmp_path, monkeypatch):
     # a head that cannot train on text alone is refused, naming the field
     lm = tiny_config(tiny_dir, "tiny_z")
     with pytest.raises(ConfigError, match="text-only samples"):
-        train(lm, RunConfig(data=data, train=t), simvlm_host())
+        train(
+            lm, RunConfig(data=data, train=replace(t, out_dir=str(tmp_path / "r2"))), simvlm_host()
+        )
     bad = DataConfig(dataset="easyvqa_captions", text_dataset="text_corpus", text_ratio=0.01)
     with pytest.raises(ConfigError, match="data.text_ratio"):
-        train(cfg, RunConfig(data=bad, train=t), simvlm_host())
+        train(
+            cfg, RunConfig(data=bad, train=replace(t, out_dir=str(tmp_path / "r3"))), simvlm_host()
+        )
 
 
 # -- simvlm_base from scratch -------------------------------------------------------------------

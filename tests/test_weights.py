@@ -15,14 +15,21 @@ from prismkit.core.vision.vit import clip_vision_filter, resize_pos_embed
 
 
 def test_clip_vit_matches_transformers(host, tiny_dir):
+    """Our embedding is CLIP's patch tokens + positions (the class token dropped, as Prismer does)
+    and our blocks (adaptors as the identity) are CLIP's encoder layers, on the same tokens."""
     from transformers import CLIPVisionModel
 
-    model = create_model(tiny_config(tiny_dir, "tiny_z"), host)
+    cfg = tiny_config(tiny_dir, "tiny_z")
+    cfg.adaptor.zero_init = True  # pre-norm adaptors start as the identity
+    model = create_model(cfg, host)
     hf = CLIPVisionModel.from_pretrained(tiny_dir / "clip").eval()
     x = torch.randn(2, 3, 32, 32)
-    ref = hf(pixel_values=x).last_hidden_state  # before post_layernorm
     v = model.vision
-    tokens = v.pre_layrnorm(v.embed(x))
+    ours = v.embed(x)
+    vm = getattr(hf, "vision_model", hf)  # transformers 5 dropped the prefix
+    torch.testing.assert_close(ours, vm.embeddings(x)[:, 1:], atol=1e-6, rtol=1e-6)
+    tokens = v.pre_layrnorm(ours)
+    ref = vm.encoder(inputs_embeds=tokens).last_hidden_state
     for layer in v.layers:
         tokens = layer(tokens)
     torch.testing.assert_close(tokens, ref, atol=1e-5, rtol=1e-5)
@@ -30,21 +37,24 @@ def test_clip_vit_matches_transformers(host, tiny_dir):
 
 @pytest.mark.parametrize("backbone", ["bert", "roberta"])
 def test_text_layers_match_transformers_encoder(host, tiny_dir, backbone):
-    """With a whole-sequence prefix (bidirectional) and zero-initialised new parts, our decoder
-    is exactly the transformers encoder."""
+    """Text alone (no cross-attention), the adaptors and output layer taken out, with a
+    whole-sequence prefix (bidirectional), our decoder is exactly the transformers encoder."""
     from transformers import AutoModel
 
     cfg = tiny_config(tiny_dir, "tiny_z")
+    cfg.language.output_layer = False
     if backbone == "roberta":
         cfg.language = dataclasses.replace(
             cfg.language, backbone="roberta", pretrained=str(tiny_dir / "roberta"), max_positions=66
         )
-    model = create_model(cfg, host)
+    model = create_model(cfg, host).eval()
+    for layer in model.language.layers:
+        layer.adaptor = None
     hf = AutoModel.from_pretrained(tiny_dir / backbone).eval()
     ids = torch.randint(5, 100, (2, 9))
     mask = torch.ones_like(ids)
     ref = hf(input_ids=ids, attention_mask=mask).last_hidden_state
-    ours, _ = model.language(ids, torch.randn(2, 4, 32), mask, prefix_len=torch.tensor([9, 9]))
+    ours, _ = model.language(ids, None, mask, prefix_len=torch.tensor([9, 9]))
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -55,7 +65,12 @@ def test_clip_filter_is_pure_and_complete(tiny_dir):
     before = {k: v.clone() for k, v in sd.items()}
     out = clip_vision_filter(sd, grid=4, with_patch_stem=True)
     assert all(torch.equal(sd[k], before[k]) for k in sd)
-    assert "stem.proj.weight" in out and "class_embedding" in out
+    assert "stem.proj.weight" in out and "class_embedding" not in out
+    assert out["position_embedding"].shape == (16, 32)  # the class position dropped
+    torch.testing.assert_close(
+        out["position_embedding"],
+        next(v for k, v in sd.items() if k.endswith("embeddings.position_embedding.weight"))[1:],
+    )
     assert "stem.proj.weight" not in clip_vision_filter(sd, grid=4, with_patch_stem=False)
     with pytest.raises(KeyError, match="unexpected key"):
         clip_vision_filter(
@@ -64,11 +79,26 @@ def test_clip_filter_is_pure_and_complete(tiny_dir):
 
 
 def test_positional_embedding_resizes_for_higher_resolution():
-    pos = torch.randn(1 + 14 * 14, 8)
+    """As the reference's interpolate_pos_embed: bicubic, align_corners=False, on the grid."""
+    import torch.nn.functional as F
+
+    pos = torch.randn(14 * 14, 8)
     out = resize_pos_embed(pos, 30)
-    assert out.shape == (1 + 30 * 30, 8)
-    torch.testing.assert_close(out[0], pos[0])
+    assert out.shape == (30 * 30, 8)
+    ref = (
+        F.interpolate(
+            pos.reshape(1, 14, 14, 8).permute(0, 3, 1, 2),
+            size=(30, 30),
+            mode="bicubic",
+            align_corners=False,
+        )
+        .permute(0, 2, 3, 1)
+        .flatten(0, 2)
+    )
+    torch.testing.assert_close(out, ref)
     assert resize_pos_embed(pos, 14) is pos
+    with pytest.raises(ValueError, match="not a square"):
+        resize_pos_embed(torch.randn(197, 8), 30)
 
 
 def test_efficientnet_lite0_weights_from_the_package_classify_a_cat():

@@ -1,4 +1,12 @@
-"""BERT/RoBERTa layers run as a causal decoder, with new cross-attention and adaptors."""
+"""BERT/RoBERTa layers run as a causal decoder with cross-attention to the vision tokens and
+adaptors, as Prismer's ``RobertaForCausalLMModified`` builds it.
+
+Each layer: post-LN self-attention (causal, padding keys hidden) -> post-LN cross-attention to
+the vision tokens (keys/values projected from the vision width) -> post-norm adaptor -> post-LN
+feed-forward; then one more layer without cross-attention (``output_layer``); then the LM head
+tied to the word embeddings. Dropout on embeddings, attention probabilities and sub-layer
+outputs while training.
+"""
 
 from __future__ import annotations
 
@@ -12,18 +20,21 @@ from torch import Tensor, nn
 
 from prismkit.core import weights
 from prismkit.core.config import LanguageConfig
-from prismkit.core.layers import Attention, activation
+from prismkit.core.layers import Attention, LayerNorm32, activation
 
 
 @dataclass
 class DecoderCache:
     """Keys/values for cached decoding: per layer self-attention ``(k, v)`` that grow by one
-    position per step, cross-attention ``(k, v)`` computed once, and the key padding mask."""
+    position per step, cross-attention ``(k, v)`` computed once, the key padding mask and the
+    number of real (non-padding) tokens seen so far (RoBERTa numbers positions by it)."""
 
     self_kv: list[tuple[Tensor, Tensor]]
     cross_kv: list[tuple[Tensor, Tensor] | None]
     # (B, T) 1 for real tokens, 0 for padding, over every position seen so far
     key_mask: Tensor
+    # (B,) real tokens so far
+    real: Tensor
     # (B, 1, 1, Nv) bool: vision tokens the cross-attention may read (None: all)
     cross_mask: Tensor | None = None
 
@@ -33,27 +44,36 @@ class DecoderCache:
             [(k[index], v[index]) for k, v in self.self_kv],
             [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.cross_kv],
             self.key_mask[index],
+            self.real[index],
             None if self.cross_mask is None else self.cross_mask[index],
         )
 
 
 class DecoderLayer(nn.Module):
-    """Post-LN BERT layer: self-attention, then (new, pre-LN, zero-initialised) cross-attention to
-    the vision tokens, an adaptor, then the feed-forward block."""
+    """RoBERTa layer with Prismer's additions (``cross``: cross-attention and adaptor)."""
 
-    def __init__(self, c: LanguageConfig, adaptor: nn.Module) -> None:
+    def __init__(
+        self,
+        c: LanguageConfig,
+        *,
+        vision_width: int | None,
+        adaptor: nn.Module | None,
+    ) -> None:
         super().__init__()
-        self.self_attn = Attention(c.width, c.heads)
-        self.attn_norm = nn.LayerNorm(c.width, eps=c.eps)
-        self.cross_norm = nn.LayerNorm(c.width, eps=c.eps)
-        self.cross_attn = Attention(c.width, c.heads)
-        nn.init.zeros_(self.cross_attn.out_proj.weight)  # identity at start: the LM is unchanged
-        nn.init.zeros_(self.cross_attn.out_proj.bias)
+        self.self_attn = Attention(c.width, c.heads, dropout=c.attention_dropout)
+        self.attn_norm = LayerNorm32(c.width, eps=c.eps)
+        self.cross_attn = self.cross_norm = None
+        if vision_width is not None:
+            self.cross_attn = Attention(
+                c.width, c.heads, kv_width=vision_width, dropout=c.attention_dropout
+            )
+            self.cross_norm = LayerNorm32(c.width, eps=c.eps)
         self.adaptor = adaptor
         self.fc1 = nn.Linear(c.width, c.intermediate)
         self.fc2 = nn.Linear(c.intermediate, c.width)
-        self.ffn_norm = nn.LayerNorm(c.width, eps=c.eps)
+        self.ffn_norm = LayerNorm32(c.width, eps=c.eps)
         self.act = activation("gelu")
+        self.dropout = nn.Dropout(c.dropout)
 
     def forward(
         self,
@@ -63,16 +83,15 @@ class DecoderLayer(nn.Module):
         past: tuple[Tensor, Tensor] | None = None,
         cross_kv: tuple[Tensor, Tensor] | None = None,
         cross_mask: Tensor | None = None,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    ) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
         a, self_kv = self.self_attn(x, mask=mask, past=past)
-        x = self.attn_norm(x + a)
-        if vision is not None or cross_kv is not None:
-            c, cross_kv = self.cross_attn(
-                self.cross_norm(x), kv=vision, mask=cross_mask, fixed_kv=cross_kv
-            )
-            x = x + c
-        x = self.adaptor(x)  # text-only (no vision): the unimodal text model
-        x = self.ffn_norm(x + self.fc2(self.act(self.fc1(x))))
+        x = self.attn_norm(x + self.dropout(a))
+        if self.cross_attn is not None and (vision is not None or cross_kv is not None):
+            c, cross_kv = self.cross_attn(x, kv=vision, mask=cross_mask, fixed_kv=cross_kv)
+            x = self.cross_norm(x + self.dropout(c))
+        if self.adaptor is not None:
+            x = self.adaptor(x)  # text alone (no vision): the unimodal text model + adaptors
+        x = self.ffn_norm(x + self.dropout(self.fc2(self.act(self.fc1(x)))))
         return x, self_kv, cross_kv
 
 
@@ -82,7 +101,7 @@ class LMHead(nn.Module):
     def __init__(self, c: LanguageConfig, word_embeddings: nn.Embedding) -> None:
         super().__init__()
         self.dense = nn.Linear(c.width, c.width)
-        self.norm = nn.LayerNorm(c.width, eps=c.eps)
+        self.norm = LayerNorm32(c.width, eps=c.eps)
         self.bias = nn.Parameter(torch.zeros(c.vocab_size))
         self.word_embeddings = [word_embeddings]  # tied, not a submodule: no duplicate parameter
 
@@ -92,20 +111,29 @@ class LMHead(nn.Module):
 
 
 class TextDecoder(nn.Module):
-    """Causal decoder over token ids, attending to vision tokens ``(B, Nv, D)``.
+    """Causal decoder over token ids, attending to vision tokens ``(B, Nv, Dv)``.
 
-    Subclasses (one per checkpoint family) set how positions are numbered and how checkpoint
-    keys map onto this module.
+    Subclasses (one per checkpoint family) set how positions are numbered and how checkpoint keys
+    map onto this module.
     """
 
     name: ClassVar[str]
-    # first position id (RoBERTa numbers positions from padding_idx + 1)
-    position_offset: ClassVar[int] = 0
+    # "roberta": positions count real tokens from pad_token_id + 1, padding gets pad_token_id
+    # (fairseq's make_positions, so tokens after padding continue the count); "bert": positions
+    # count real tokens from 0 (left or right padding both work)
+    position_rule: ClassVar[str]
+    default_pad_token_id: ClassVar[int]
     # prefix of the encoder weights and of the MLM head in the transformers checkpoint
     hf_prefix: ClassVar[str]
     hf_head_prefix: ClassVar[str]
 
-    def __init__(self, *, config: LanguageConfig, adaptor: Callable[[], nn.Module]) -> None:
+    def __init__(
+        self,
+        *,
+        config: LanguageConfig,
+        adaptor: Callable[[], nn.Module],
+        vision_width: int | None = None,
+    ) -> None:
         super().__init__()
         c = config
         if c.width % c.heads:
@@ -113,23 +141,47 @@ class TextDecoder(nn.Module):
                 f"language.width {c.width} is not divisible by language.heads {c.heads}"
             )
         self.config = c
-        self.word_embeddings = nn.Embedding(c.vocab_size, c.width)
-        self.position_embeddings = nn.Embedding(c.max_positions, c.width)
+        self.pad_token_id = (
+            c.pad_token_id if c.pad_token_id is not None else self.default_pad_token_id
+        )
+        pad = self.pad_token_id if self.position_rule == "roberta" else None
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.width, padding_idx=pad)
+        self.position_embeddings = nn.Embedding(c.max_positions, c.width, padding_idx=pad)
         self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.width)
-        self.embed_norm = nn.LayerNorm(c.width, eps=c.eps)
-        self.layers = nn.ModuleList(DecoderLayer(c, adaptor()) for _ in range(c.layers))
+        self.embed_norm = LayerNorm32(c.width, eps=c.eps)
+        self.embed_dropout = nn.Dropout(c.dropout)
+        vw = vision_width or c.width
+        self.layers = nn.ModuleList(
+            DecoderLayer(c, vision_width=vw, adaptor=adaptor()) for _ in range(c.layers)
+        )
+        self.output_layer = (
+            DecoderLayer(c, vision_width=None, adaptor=None) if c.output_layer else None
+        )
         self.head = LMHead(c, self.word_embeddings)
         self.gradient_checkpointing = False
 
     @property
     def max_length(self) -> int:
-        return self.config.max_positions - self.position_offset
+        offset = self.pad_token_id + 1 if self.position_rule == "roberta" else 0
+        return self.config.max_positions - offset
+
+    def positions(
+        self, input_ids: Tensor, key_mask: Tensor, real_before: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Position ids of ``input_ids (B, t)`` (the newest t of ``key_mask (B, T)``) and the real
+        tokens counted so far ``(B,)``."""
+        if self.position_rule == "roberta":
+            real = (input_ids != self.pad_token_id).long()
+            count = real.cumsum(1) + (0 if real_before is None else real_before[:, None])
+            return count * real + self.pad_token_id, count[:, -1]
+        t = input_ids.shape[1]
+        count = key_mask.long().cumsum(1)
+        return (count - 1).clamp(min=0)[:, -t:], count[:, -1]
 
     def embed(self, input_ids: Tensor, positions: Tensor) -> Tensor:
-        x = self.word_embeddings(input_ids) + self.position_embeddings(
-            positions + self.position_offset
-        )
-        return self.embed_norm(x + self.token_type_embeddings.weight[0])
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]
+        x = x + self.position_embeddings(positions)
+        return self.embed_dropout(self.embed_norm(x))
 
     def forward(
         self,
@@ -144,9 +196,10 @@ class TextDecoder(nn.Module):
 
         Args:
             input_ids: ``(B, T)`` token ids (new tokens only when ``cache`` is given).
-            vision: ``(B, Nv, D)`` vision tokens; None when ``cache`` holds them, or for text
+            vision: ``(B, Nv, Dv)`` vision tokens; None when ``cache`` holds them, or for text
                 alone (cross-attention skipped: BLIP's unimodal encoder, SimVLM's text-only data).
-            attention_mask: ``(B, T)`` 1 for tokens, 0 for padding (left or right).
+            attention_mask: ``(B, T)`` 1 for tokens, 0 for padding; with ``cache``, the new
+                tokens' mask or the mask over every position so far.
             prefix_len: ``(B,)`` tokens that attend bidirectionally (prefix LM); None = causal.
             vision_mask: ``(B, Nv)`` 1 = vision token, 0 = padding the cross-attention skips
                 (None: all real; with ``cache``, the cached one).
@@ -154,16 +207,17 @@ class TextDecoder(nn.Module):
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        key_mask = (
-            attention_mask if cache is None else torch.cat([cache.key_mask, attention_mask], dim=1)
-        )
+        if cache is None or attention_mask.shape[1] == cache.key_mask.shape[1] + t:
+            key_mask = attention_mask
+        else:
+            key_mask = torch.cat([cache.key_mask, attention_mask], dim=1)
         total = key_mask.shape[1]
+        positions, real = self.positions(input_ids, key_mask, None if cache is None else cache.real)
         if total > self.max_length:
             raise ValueError(
                 f"text of {total} tokens exceeds the language model's limit of {self.max_length}"
             )
-        positions = (key_mask.cumsum(1) - 1).clamp(min=0)[:, total - t :]
-        mask = self._mask(key_mask, t, prefix_len)
+        mask = self._mask(key_mask, t, prefix_len, self.word_embeddings.weight.dtype)
         x = self.embed(input_ids, positions)
         if vision_mask is not None:
             cross_mask = vision_mask.bool()[:, None, None, :]
@@ -181,12 +235,17 @@ class TextDecoder(nn.Module):
                 x, skv, ckv = layer(x, vision, mask, past, ckv, cross_mask)
             self_kv.append(skv)
             cross_kv.append(ckv)
-        return x, DecoderCache(self_kv, cross_kv, key_mask, cross_mask)
+        if self.output_layer is not None:
+            past = cache.self_kv[len(self.layers)] if cache is not None else None
+            x, skv, _ = self.output_layer(x, None, mask, past)
+            self_kv.append(skv)
+        return x, DecoderCache(self_kv, cross_kv, key_mask, real, cross_mask)
 
     @staticmethod
-    def _mask(key_mask: Tensor, t: int, prefix_len: Tensor | None) -> Tensor:
-        """``(B, 1, t, T)`` bool: causal over the last ``t`` queries, padding keys hidden, each
-        query always sees itself (no empty rows), prefix tokens see the whole prefix."""
+    def _mask(key_mask: Tensor, t: int, prefix_len: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """``(B, 1, t, T)`` additive mask (0 allowed, the dtype's minimum hidden), as transformers
+        builds it: causal over the last ``t`` queries and padding keys hidden (a query that sees
+        nothing attends uniformly, as there); prefix tokens see the whole prefix."""
         total = key_mask.shape[1]
         q = torch.arange(total - t, total, device=key_mask.device)[:, None]
         k = torch.arange(total, device=key_mask.device)[None, :]
@@ -196,8 +255,11 @@ class TextDecoder(nn.Module):
             real_pos = key_mask.cumsum(1) - 1
             in_prefix = (real_pos < prefix_len[:, None]) & key_mask.bool()
             allowed = allowed | (in_prefix[:, None, :] & in_prefix[:, total - t :, None])
-        allowed = allowed | (k == q)[None]
-        return allowed[:, None]
+        if not dtype.is_floating_point:
+            dtype = torch.float32
+        return torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )[:, None]
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.head(hidden)
@@ -213,16 +275,6 @@ class TextDecoder(nn.Module):
             "LayerNorm.weight": "embed_norm.weight",
             "LayerNorm.bias": "embed_norm.bias",
         }
-        layer = {
-            "attention.self.query": "self_attn.q_proj",
-            "attention.self.key": "self_attn.k_proj",
-            "attention.self.value": "self_attn.v_proj",
-            "attention.output.dense": "self_attn.out_proj",
-            "attention.output.LayerNorm": "attn_norm",
-            "intermediate.dense": "fc1",
-            "output.dense": "fc2",
-            "output.LayerNorm": "ffn_norm",
-        }
         head = {
             "dense": "head.dense",
             "layer_norm": "head.norm",
@@ -233,13 +285,13 @@ class TextDecoder(nn.Module):
         for key, value in state_dict.items():
             if key.startswith(p + "embeddings."):
                 rest = key.removeprefix(p + "embeddings.")
-                if rest == "position_ids" or rest == "token_type_ids":
+                if rest in ("position_ids", "token_type_ids"):
                     continue
                 out[emb[rest]] = value
             elif key.startswith(p + "encoder.layer."):
                 idx, _, rest = key.removeprefix(p + "encoder.layer.").partition(".")
                 module, _, leaf = rest.rpartition(".")
-                out[f"layers.{idx}.{layer[module]}.{leaf}"] = value
+                out[f"layers.{idx}.{HF_LAYER[module]}.{leaf}"] = value
             elif key.startswith(h):
                 rest = key.removeprefix(h)
                 module, _, leaf = rest.rpartition(".")
@@ -255,9 +307,22 @@ class TextDecoder(nn.Module):
                 raise KeyError(f"unexpected key {key!r} in {self.name} checkpoint")
         return out
 
+    def new_parameter_names(self) -> set[str]:
+        """State-dict keys a pretrained language model does not hold: cross-attention, adaptors
+        and the output layer."""
+        return {
+            k
+            for k in self.state_dict()
+            if ".cross_attn." in k
+            or ".cross_norm." in k
+            or ".adaptor." in k
+            or k.startswith("output_layer.")
+        }
+
     def load_pretrained(self, source: str) -> list[str]:
         """Load a transformers checkpoint (hub id or folder); returns the keys it did not hold
-        (new cross-attention and adaptors; the MLM head for sentence encoders that ship none)."""
+        (new cross-attention, adaptors and output layer; the MLM head for sentence encoders that
+        ship none), which keep their initialisation."""
         from transformers import AutoModelForMaskedLM
 
         with weights.quiet_transformers():
@@ -265,32 +330,52 @@ class TextDecoder(nn.Module):
                 weights.resolve(source), output_loading_info=True
             )
         hf_missing = set(info["missing_keys"])
-        state = {k: v for k, v in hf.state_dict().items() if k not in hf_missing}
-        state = self.checkpoint_filter(state)
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        new = {
-            k
-            for k in self.state_dict()
-            if ".cross_attn." in k or ".cross_norm." in k or ".adaptor." in k
-        }
-        head = {k for k in self.state_dict() if k.startswith("head.")}
-        if unexpected or not (new <= set(missing) <= new | head):
+        state = self.checkpoint_filter(
+            {k: v for k, v in hf.state_dict().items() if k not in hf_missing}
+        )
+        own = self.state_dict()
+        new = self.new_parameter_names()
+        head = {k for k in own if k.startswith("head.")}
+        missing = set(own) - set(state)
+        unexpected = set(state) - set(own)
+        if unexpected or not (new <= missing <= new | head):
             raise KeyError(
                 f"{self.name} checkpoint {source!r} does not fit language config: "
-                f"missing {sorted(set(missing) - new - head)[:8]}, unexpected {sorted(unexpected)[:8]}"
+                f"missing {sorted(missing - new - head)[:8]}, unexpected {sorted(unexpected)[:8]}"
             )
+        for k, v in state.items():
+            if v.shape != own[k].shape:
+                raise KeyError(
+                    f"{self.name} checkpoint {source!r}: {k} is {tuple(v.shape)}, the language config needs {tuple(own[k].shape)}"
+                )
+        self.load_state_dict(state | {k: own[k] for k in missing}, strict=True)
         return sorted(missing)
+
+
+# transformers' BERT/RoBERTa layer module -> DecoderLayer module
+HF_LAYER = {
+    "attention.self.query": "self_attn.q_proj",
+    "attention.self.key": "self_attn.k_proj",
+    "attention.self.value": "self_attn.v_proj",
+    "attention.output.dense": "self_attn.out_proj",
+    "attention.output.LayerNorm": "attn_norm",
+    "intermediate.dense": "fc1",
+    "output.dense": "fc2",
+    "output.LayerNorm": "ffn_norm",
+}
 
 
 class RobertaDecoder(TextDecoder):
     name = "roberta"
-    position_offset = 2  # padding_idx + 1
+    position_rule = "roberta"
+    default_pad_token_id = 1
     hf_prefix = "roberta."
     hf_head_prefix = "lm_head."
 
 
 class BertDecoder(TextDecoder):
     name = "bert"
-    position_offset = 0
+    position_rule = "bert"
+    default_pad_token_id = 0
     hf_prefix = "bert."
     hf_head_prefix = "cls.predictions."

@@ -18,6 +18,8 @@ class ImageStem(nn.Module, ABC):
     # True when the stem's weights live in the vision backbone's checkpoint (a ViT's patch
     # embedding); False when the stem loads its own (a CNN trunk via ``load_pretrained``)
     weights_in_backbone: ClassVar[bool] = False
+    # frozen unless the config says otherwise (``vision.stem_frozen``): a pretrained CNN trunk
+    frozen_by_default: ClassVar[bool] = True
 
     def __init__(self, *, width: int, patch_size: int) -> None:
         super().__init__()

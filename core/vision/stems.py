@@ -16,6 +16,7 @@ class PatchStem(ImageStem):
 
     name = "patch"
     weights_in_backbone = True
+    frozen_by_default = False  # Prismer trains the RGB patch conv (conv1.rgb)
 
     def __init__(self, *, width: int, patch_size: int) -> None:
         super().__init__(width=width, patch_size=patch_size)

@@ -1,7 +1,9 @@
-"""BLIP's pre-training objective (ITC + ITM + LM) and its retrieval protocol, as a head plugin.
+"""``blip_frozen``: BLIP's objectives (ITC + ITM + LM) as a head on Prismer's frozen backbones.
 
-BLIP (Li et al. 2022) runs one text model three ways on each batch; here the three ways are the
-model's one language model (``TextDecoder``) with different masks:
+This is NOT BLIP's model (that is the ``blip`` architecture, ``prismkit.blip.model``): it puts
+BLIP's three losses on a Prismer/PrismerZ model whose vision and language backbones stay frozen
+(with experts, adaptors and a resampler), an approximation for that setting. The three passes
+are the model's one language model (``TextDecoder``) with different masks:
 
 - unimodal text encoder (ITC): ``language(ids, None, mask, prefix_len=length)``: no
   cross-attention, bidirectional self-attention;
@@ -21,59 +23,21 @@ backbones (adaptors, norms, embeddings) are shared by the online and momentum pa
 momentum features are the online CLS tokens (detached) through the momentum projections, which
 saves BLIP's second pass of both encoders.
 
-State that is not a parameter (momentum projections, queues, step counter) is held in buffers;
-prismkit checkpoints keep trainable weights only, so a loaded or resumed model starts with the
-momentum copies equal to the loaded projections, empty queues and the alpha ramp restarted.
+State that is not a parameter (momentum projections, queues, pointers, the optimizer step and
+whether the momentum copies were initialised) is held in buffers, which Prismer checkpoints
+save with the objective: a resumed run continues with the same queues and ramps. The momentum
+update and the alpha ramp count optimizer steps (``begin_step``), not forward calls.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prismkit.core.distributed import gather_all, gather_padded, gather_with_grad
+from prismkit.core.distributed import rank as _rank
 from prismkit.core.heads import IGNORE, lm_loss
-
-
-# -- distributed ---------------------------------------------------------------------------------
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-@torch.no_grad()
-def gather_all(x: Tensor) -> Tensor:
-    """``(B, ...)`` per process -> ``(world * B, ...)`` in rank order, without gradient.
-    Identity when torch.distributed is not initialised. Every process must pass the same shape."""
-    if not _distributed():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-def gather_with_local_grad(x: Tensor) -> Tensor:
-    """As :func:`gather_all`, but the local slice is ``x`` itself, so the gradient reaches this
-    process's inputs (and only them: other slices are constants here)."""
-    if not _distributed():
-        return x
-    parts = list(gather_all(x).chunk(dist.get_world_size()))
-    parts[dist.get_rank()] = x
-    return torch.cat(parts)
-
-
-def _gather_text(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Token ids and masks ``(B, T)`` of every process, right-padded to the longest ``T``."""
-    if not _distributed():
-        return ids, mask
-    width = torch.tensor([ids.shape[1]], device=ids.device)
-    dist.all_reduce(width, op=dist.ReduceOp.MAX)
-    pad = int(width.item()) - ids.shape[1]
-    return gather_all(F.pad(ids, (0, pad))), gather_all(F.pad(mask, (0, pad)))
-
-
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
 
 
 # -- pieces, each a pure function --------------------------------------------------------------
@@ -139,7 +103,7 @@ def soft_itc_loss(
     return -(sim.log_softmax(1) * target).sum(1).mean()
 
 
-class BLIPObjective(nn.Module):
+class FrozenBLIPObjective(nn.Module):
     """ITC + ITM + LM on one batch (one image encoding, three text passes).
 
     Args:
@@ -149,7 +113,7 @@ class BLIPObjective(nn.Module):
         queue_size: momentum features kept per modality (57,600).
         momentum: EMA factor of the momentum projections (0.995).
         alpha: momentum-distillation weight of the soft targets (0.4).
-        alpha_ramp_steps: training forwards over which alpha ramps linearly from 0 (0 = none).
+        alpha_ramp_steps: optimizer steps over which alpha ramps linearly from 0 (0 = none).
         temperature: initial ITC temperature (0.07), learnt, clamped to [0.001, 0.5].
         share_weights: BLIP shares every encoder/decoder weight except self-attention. In
             prismkit the three passes run through the one language model, so every weight is
@@ -157,7 +121,7 @@ class BLIPObjective(nn.Module):
             second self-attention per layer and is refused.
     """
 
-    name = "blip"
+    name = "blip_frozen"
 
     def __init__(
         self,
@@ -205,8 +169,11 @@ class BLIPObjective(nn.Module):
         self.register_buffer("hash_queue", torch.zeros(queue_size, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
+        # the optimizer step (``begin_step``) and the step of the last momentum update (-1: the
+        # copies are not initialised yet: the first update copies the online weights)
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-        self._momentum_synced = False  # momentum copies start from the (possibly loaded) weights
+        self.register_buffer("momentum_step", torch.full((), -1, dtype=torch.long))
+        self._engine_steps = False
 
     # -- features ---------------------------------------------------------------------------
     def image_features(self, vision: Tensor) -> Tensor:
@@ -241,11 +208,17 @@ class BLIPObjective(nn.Module):
     @torch.no_grad()
     def momentum_update(self) -> None:
         """``p_m <- m * p_m + (1 - m) * p`` for each momentum copy (the first call copies)."""
-        m = self.momentum if self._momentum_synced else 0.0
+        m = self.momentum if int(self.momentum_step) >= 0 else 0.0
         for online, w_m, b_m in self._pairs():
             w_m.mul_(m).add_(online.weight.detach().to(w_m.dtype), alpha=1 - m)
             b_m.mul_(m).add_(online.bias.detach().to(b_m.dtype), alpha=1 - m)
-        self._momentum_synced = True
+        self.momentum_step.fill_(int(self.steps))
+
+    def begin_step(self, step: int) -> None:
+        """The engine's optimizer step: the momentum update runs once per step (on its first
+        micro-batch) and alpha ramps by steps, whatever the gradient accumulation."""
+        self.steps.fill_(step)
+        self._engine_steps = True
 
     @torch.no_grad()
     def enqueue(self, image_feat: Tensor, text_feat: Tensor, hashes: Tensor | None = None) -> None:
@@ -285,7 +258,9 @@ class BLIPObjective(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         update = self.training and torch.is_grad_enabled()
-        if update or not self._momentum_synced:
+        uninitialised = int(self.momentum_step) < 0
+        new_step = not self._engine_steps or int(self.momentum_step) != int(self.steps)
+        if (update and new_step) or uninitialised:
             self.momentum_update()
         vision = model.encode_image(images, experts)  # (B, Nv, D): the one image encoding
         ids, mask = caption_tokens(input_ids, attention_mask, labels)
@@ -317,8 +292,8 @@ class BLIPObjective(nn.Module):
         ) / 2
 
         # ITM: positives, plus one hard negative text per image and one negative image per text
-        vision_world = gather_with_local_grad(vision)
-        ids_world, mask_world = _gather_text(ids, mask)
+        vision_world = gather_with_grad(vision)  # negatives train the process that encoded them
+        ids_world, mask_world = gather_padded(ids, mask)
         with torch.no_grad():
             positive = torch.arange(b, device=ids.device) + _rank() * b
             same = hashes[:, None] == text_hash(ids_world, mask_world)[None, :]
@@ -346,6 +321,31 @@ class BLIPObjective(nn.Module):
 
         if update:
             self.enqueue(gather_all(image_m), gather_all(text_m), gather_all(hashes))
-            self.steps += 1
+            if not self._engine_steps:
+                self.steps += 1  # no engine: one optimizer step per forward
         loss = itc + itm + lm
         return loss, {"itc": itc.detach(), "itm": itm.detach(), "lm": lm.detach()}
+
+
+class FrozenScorer:
+    """A Prismer model with head ``blip_frozen`` as a retrieval scorer (images in [0, 1]; the
+    enabled experts run on the fly)."""
+
+    def __init__(self, model, host) -> None:
+        from prismkit.labels.feeder import ExpertFeeder
+
+        self.model, self.objective = model, model.objective
+        self.feeder = ExpertFeeder(model, host, compute_missing=True)
+
+    def image_embeds(self, pixels: Tensor) -> Tensor:
+        keys = [f"retrieval-{i}" for i in range(pixels.shape[0])]
+        return self.model.encode_image(pixels, self.feeder(pixels, keys))
+
+    def image_feat(self, embeds: Tensor) -> Tensor:
+        return self.objective.image_features(embeds)
+
+    def text_feat(self, ids: Tensor, mask: Tensor) -> Tensor:
+        return self.objective.text_features(self.model, ids, mask)
+
+    def itm_logits(self, ids: Tensor, mask: Tensor, embeds: Tensor, swap: bool = True) -> Tensor:
+        return self.objective.itm_logits(self.model, ids, mask, embeds)
