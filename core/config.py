@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     from prismkit.core.host import PluginHost
 
 
+# a weights field set to this means "no pretrained weights: random init" (TOML has no null)
+NO_WEIGHTS = "none"
+
+
 class ConfigError(ValueError):
     """A config file or field is wrong; the message names the file and the field."""
 
@@ -27,7 +31,8 @@ class VisionConfig:
     stem: str = "patch"
     # hub id or local folder of the pretrained backbone; None = random init
     pretrained: str | None = None
-    # weights of the image stem when it has its own (e.g. a CNN); None = stem's default
+    # weights of the image stem when it has its own (e.g. a CNN); None = stem's default;
+    # "none" = random init (SimVLM from scratch: set stem_frozen = false)
     stem_pretrained: str | None = None
     # input resolution (square), pixels
     image_size: int = 224

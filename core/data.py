@@ -100,8 +100,9 @@ def entry(
 
 @dataclass
 class Sample:
-    # the image as a file path (label-store key) or an already decoded (3, H, W) tensor in [0, 1]
-    image: str | Tensor
+    # the image as a file path (label-store key) or an already decoded (3, H, W) tensor in [0, 1];
+    # None: a text-only sample (trained by heads that declare ``text_only``)
+    image: str | Tensor | None
     # a stable id of the image (file path or dataset key) for labels and evaluation
     image_id: str
     # text the model is conditioned on (masked from the loss)
@@ -116,6 +117,9 @@ class Sample:
     task: str = "caption"
     # weight of the sample's loss (Prismer weights VQA answers; Visual Genome's get 0.2)
     weight: float = 1.0
+    # per-sample tensors the training loop stacks and hands to the head as keyword arguments
+    # (mu-VLA's retrieval embeddings); every sample of a reader carries the same keys
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def image_index(image_id: str) -> int:
@@ -135,7 +139,7 @@ class VLDataset(Dataset):
     """Base of the readers: a list of samples plus what the task needs."""
 
     name: ClassVar[str]
-    # "caption" or "vqa"
+    # "caption", "vqa" or "text" (text-only samples, not evaluated)
     task: ClassVar[str]
 
     def __init__(self, samples: list[Sample], answer_list: list[str] | None = None) -> None:
@@ -152,6 +156,8 @@ class VLDataset(Dataset):
 
     def image(self, i: int) -> Tensor:
         img = self.samples[i].image
+        if img is None:
+            raise DataError(f"dataset {self.name!r} sample {i} is text-only: it has no image")
         return load_image(img) if isinstance(img, str) else img
 
 

@@ -51,6 +51,10 @@ class Expert(ABC):
     vocabulary: ClassVar[tuple[str, ...]] = ()
     # bump when outputs change: stored labels from other versions are recomputed
     version: ClassVar[str] = "1"
+    # what ``tags(images)`` lists for each image, when the expert can name what it sees:
+    # "detection" (the classes of detected objects) or "classifier" (image-level classes);
+    # None: no tags. Consumers choose an expert by this capability, never by its name.
+    tag_source: ClassVar[Literal["detection", "classifier"] | None] = None
     # experts with the same stem_group share one conv stem in the model (Prismer shares one
     # between its segmentation experts: "seg"); None = a stem of its own, named after the expert
     stem_group: ClassVar[str | None] = None
@@ -80,6 +84,11 @@ class Expert(ABC):
             images: ``(B, 3, H, W)`` float32 RGB in [0, 1] on ``self.device``.
             inputs: labels of the experts named in ``requires``, same batch.
         """
+
+    def tags(self, images: Tensor) -> list[list[str]]:
+        """``images (B, 3, H, W)`` RGB in [0, 1] -> each image's tags (class names, most
+        confident first, each once). Implemented by experts that set ``tag_source``."""
+        raise NotImplementedError(f"expert {self.name!r} lists no tags (tag_source is None)")
 
     @classmethod
     def check_output(cls, out: LabelMap, images: Tensor) -> LabelMap:

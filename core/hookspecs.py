@@ -77,9 +77,16 @@ def register_resamplers(register: Callable[[type], None]) -> None:
 @hookspec
 def register_heads(register: Callable[[type], None]) -> None:
     """Register heads/objectives (``nn.Module``s the model owns): ``register(LMObjective)``.
-    Constructor: ``cls(label_smoothing=..., width=..., vision_width=...)`` (widths of the language
-    model and of the vision tokens it reads); called as ``objective(model, images=..., input_ids=...,
-    attention_mask=..., labels=..., experts=..., prefix_len=..., **extra) -> (loss, parts)``."""
+    Constructor: ``cls(label_smoothing=..., width=..., vision_width=..., encoder_width=...)``
+    (widths of the language model, of the vision tokens it reads, and of the vision transformer);
+    called as ``objective(model, images=..., input_ids=..., attention_mask=..., labels=...,
+    experts=..., prefix_len=..., **extra) -> (loss, parts)``; ``extra`` holds the samples'
+    ``extras`` stacked, and ``has_image (B,)`` when a batch has text-only rows (``images`` and
+    ``experts`` then cover the rows with an image only, in order, or are None). Optional: a
+    class attribute ``text_only = True`` when the head trains on rows without an image, and
+    a method ``generation_inputs(model, images, experts, input_ids, attention_mask) -> (decoder,
+    vision, input_ids, attention_mask)`` when generation reads the prompt differently from the
+    plain causal decoder (SimVLM's prefix)."""
 
 
 @hookspec

@@ -249,7 +249,8 @@ class VisionBlock(nn.Module):
         self.layer_norm2 = LayerNorm32(width, eps=eps)
         self.mlp = Mlp(width, mlp_hidden, act)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))[0]
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``x (B, T, D)``; ``mask (B, 1, 1, T)`` bool hides padding keys (None: all visible)."""
+        x = x + self.self_attn(self.layer_norm1(x), mask=mask)[0]
         x = self.adaptor(x)
         return x + self.mlp(self.layer_norm2(x))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prismkit.core import weights
-from prismkit.core.config import ModelConfig
+from prismkit.core.config import NO_WEIGHTS, ModelConfig
 from prismkit.core.host import PluginError, PluginHost, get_plugin_manager
 from prismkit.core.language.decoder import TextDecoder
 from prismkit.core.vision.expert_stem import ExpertStem
@@ -154,6 +154,7 @@ class PrismerModel(nn.Module):
             reduction=config.loss_reduction,
             width=lc.width,
             vision_width=vc.width,
+            encoder_width=vc.width,
             **config.head_options,
         )
         model = cls(
@@ -186,7 +187,8 @@ class PrismerModel(nn.Module):
                 )
         if vc.pretrained:
             self.vision.load_pretrained(vc.pretrained)
-        self.vision.stem.load_pretrained(vc.stem_pretrained)
+        if vc.stem_pretrained != NO_WEIGHTS:
+            self.vision.stem.load_pretrained(vc.stem_pretrained)
         if lc.pretrained:
             self.language.load_pretrained(lc.pretrained)
 
@@ -275,26 +277,36 @@ class PrismerModel(nn.Module):
 
     def checkpoint_state(self) -> dict[str, Tensor]:
         """The trainable weights, frozen ones no pretrained source can restore (a backbone with
-        ``pretrained = None``), BatchNorm statistics, and the objective's buffers (its training
-        state: queues, momentum copies, counters)."""
+        ``pretrained = None``, a stem with ``stem_pretrained = "none"``), the statistics of
+        BatchNorm layers that train (expert stems, a stem trained from scratch) and every expert
+        stem buffer, and the objective's buffers (its training state: queues, momentum copies,
+        counters)."""
         vc, lc = self.config.vision, self.config.language
         unsourced = []
         if not vc.pretrained:
             unsourced.append("vision.")
         if not lc.pretrained:
             unsourced.append("language.")
+        stem_unsourced = vc.stem_pretrained == NO_WEIGHTS
         trainable = {id(p) for p in self.parameters() if p.requires_grad}
-        stem_buffers = {f"expert_stems.{n}" for n, _ in self.expert_stems.named_buffers()}
-        objective_buffers = {f"objective.{n}" for n, _ in self.objective.named_buffers()}
+        buffers = {f"expert_stems.{n}" for n, _ in self.expert_stems.named_buffers()}
+        buffers |= {f"objective.{n}" for n, _ in self.objective.named_buffers()}
+        buffers |= {
+            f"{name}.{b}" if name else b
+            for name, m in self.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and any(p.requires_grad for p in m.parameters())
+            for b, _ in m.named_buffers(recurse=False)
+        }
         state = {}
         for name, t in self.state_dict(keep_vars=True).items():
             # a stem that loads its own pretrained trunk needs no copy in the checkpoint
             cnn_trunk = name.startswith("vision.stem.") and not self.vision.stem.weights_in_backbone
             if (
                 id(t) in trainable
-                or name in stem_buffers
-                or name in objective_buffers
+                or name in buffers
                 or (name.startswith(tuple(unsourced)) and not cnn_trunk)
+                or (cnn_trunk and stem_unsourced)
             ):
                 state[name] = t.detach().contiguous().cpu()
         return state
@@ -424,14 +436,19 @@ class PrismerModel(nn.Module):
         self,
         images: Tensor,
         experts: dict[str, ExpertInput] | None = None,
+        text: Tensor | None = None,
+        text_mask: Tensor | None = None,
         *,
         instance_rows: Tensor | None = None,
         trace: dict[str, Tensor] | None = None,
     ) -> Tensor:
         """``(B, 3, S, S)`` RGB in [0, 1] (+ expert labels) -> vision tokens ``(B, N, D)``:
         ``S^2 / P^2`` RGB tokens, then the resampler's latents when experts are enabled.
-        ``trace`` (a dict) receives the intermediate tensors ``resampler_in``, ``resampler_out``
-        and ``ln_pre_in``."""
+
+        ``text (B, Tt, D)``: further tokens encoded with the image in one bidirectional pass
+        (SimVLM's joint encoder), appended after the image tokens; ``text_mask (B, Tt)`` 1 =
+        token, 0 = padding; the output is then ``(B, N + Tt, D)``. ``trace`` (a dict) receives
+        the intermediate tensors ``resampler_in``, ``resampler_out`` and ``ln_pre_in``."""
         x = self.check_images(images)
         tokens = self.vision.embed(x)
         if self.resampler is not None:
@@ -457,9 +474,14 @@ class PrismerModel(nn.Module):
             raise ValueError(
                 f"PrismerZ uses no experts, but expert inputs {sorted(experts)} were given"
             )
+        mask = None
+        if text is not None:
+            real = tokens.new_ones(tokens.shape[:2], dtype=torch.long)
+            text_mask = real[:, :1].expand(text.shape[:2]) if text_mask is None else text_mask
+            tokens, mask = torch.cat([tokens, text], 1), torch.cat([real, text_mask.long()], 1)
         if trace is not None:
             trace["ln_pre_in"] = tokens
-        return self.vision.encode(tokens)
+        return self.vision.encode(tokens, mask)
 
     def forward(
         self,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from prismkit.core import weights
-from prismkit.core.config import ConfigError, ModelConfig
+from prismkit.core.config import NO_WEIGHTS, ConfigError, ModelConfig
 
 if TYPE_CHECKING:
     from prismkit.core.host import PluginHost
@@ -28,8 +28,8 @@ def weight_sources(config: ModelConfig, host: PluginHost) -> list[tuple[str, str
     if config.vision.pretrained:
         out.append(("vision.pretrained", config.vision.pretrained, "config.json"))
     stem = host.image_stems.get(config.vision.stem)
-    if config.vision.stem_pretrained or stem.default_pretrained:
-        src = config.vision.stem_pretrained or stem.default_pretrained
+    src = config.vision.stem_pretrained or stem.default_pretrained
+    if src and src != NO_WEIGHTS:  # "none": a stem trained from random weights
         out.append(("vision.stem_pretrained", src, "config.json"))  # type: ignore[arg-type]
     if config.language.pretrained:
         out.append(("language.pretrained", config.language.pretrained, "config.json"))

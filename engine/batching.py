@@ -12,21 +12,33 @@ import torch.nn.functional as F
 from prismkit.core.data import VLDataset
 
 
-def batch_indices(step: int, micro: int, rank: int, world: int, cfg, n: int) -> list[int]:
+def batch_indices(
+    step: int,
+    micro: int,
+    rank: int,
+    world: int,
+    cfg,
+    n: int,
+    per: int | None = None,
+    stream: int = 0,
+) -> list[int]:
     """Dataset indices of one micro-batch: a pure function of (step, micro-batch, rank), so a
-    resumed run reads exactly what the interrupted one would have. Epochs are seeded permutations."""
-    per = cfg.batch_size
+    resumed run reads exactly what the interrupted one would have. Epochs are seeded permutations.
+    ``per``: samples drawn (default ``cfg.batch_size``); ``stream``: a second dataset read beside
+    the first (text-only mixing) gets its own permutations."""
+    per = cfg.batch_size if per is None else per
     start = ((step * cfg.grad_accum + micro) * world + rank) * per
     out = []
     for pos in range(start, start + per):
         epoch, i = divmod(pos, n)
-        out.append(int(_epoch_order(cfg.seed, epoch, n)[i]))
+        out.append(int(_epoch_order(cfg.seed, epoch, n, stream)[i]))
     return out
 
 
-@functools.lru_cache(maxsize=4)
-def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng(seed * 1_000_003 + epoch).permutation(n)
+@functools.lru_cache(maxsize=8)
+def _epoch_order(seed: int, epoch: int, n: int, stream: int = 0) -> np.ndarray:
+    key = seed * 1_000_003 + epoch if stream == 0 else [seed, epoch, stream]
+    return np.random.default_rng(key).permutation(n)
 
 
 class ImageCache:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -12,6 +13,24 @@ from prismkit.core.generation import BeamConfig, beam_search, rank_answers
 from prismkit.core.model import PrismerModel
 from prismkit.core.processor import ImageLike, Processor
 from prismkit.core.progress import Progress
+
+
+def generation_inputs(
+    model: PrismerModel,
+    images: torch.Tensor,
+    experts: dict | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What generation runs for prompts ``input_ids (B, P)`` (left-padded) on ``images``:
+    ``(decoder, vision, input_ids, attention_mask)`` for ``beam_search``/``score_candidates``.
+    The head's own ``generation_inputs`` when it defines one (SimVLM reads the prompt as a
+    bidirectional prefix, or encodes it with the image); else the language model with the image
+    tokens, the prompt read causally."""
+    hook = getattr(model.objective, "generation_inputs", None)
+    if hook is not None:
+        return hook(model, images, experts, input_ids, attention_mask)
+    return model.language, model.encode_image(images, experts), input_ids, attention_mask
 
 
 class Predictor:
@@ -24,9 +43,14 @@ class Predictor:
     def __init__(self, model: PrismerModel, processor: Processor, feeder) -> None:
         self.model, self.processor, self.feeder = model, processor, feeder
 
-    def _encode(
-        self, images: Sequence[ImageLike] | torch.Tensor, ids: list[str] | None = None
-    ) -> torch.Tensor:
+    def _inputs(
+        self,
+        images: Sequence[ImageLike] | torch.Tensor,
+        text: dict[str, torch.Tensor],
+        ids: list[str] | None = None,
+    ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pixels (+ the feeder's expert labels) and encoded prompts ``text`` (``input_ids``,
+        ``attention_mask``, one row per image) -> :func:`generation_inputs`."""
         device = next(self.model.parameters()).device
         if isinstance(images, torch.Tensor):
             pixels = images
@@ -36,9 +60,23 @@ class Predictor:
                 str(i) if isinstance(i, str) else f"image-{n}" for n, i in enumerate(images)
             ]
         pixels = pixels.to(device)
-        ids = ids or [f"image-{n}" for n in range(pixels.shape[0])]
+        b = pixels.shape[0]
+        ids = ids or [f"image-{n}" for n in range(b)]
+        if text["input_ids"].shape[0] != b:
+            raise ValueError(f"{b} images but {text['input_ids'].shape[0]} prompts or questions")
         with torch.no_grad():
-            return self.model.encode_image(pixels, self.feeder(pixels, ids))
+            experts = self.feeder(pixels, ids)
+            return generation_inputs(
+                self.model,
+                pixels,
+                experts,
+                text["input_ids"].to(device),
+                text["attention_mask"].to(device),
+            )
+
+    @staticmethod
+    def _count(images: Sequence[ImageLike] | torch.Tensor) -> int:
+        return images.shape[0] if isinstance(images, torch.Tensor) else len(images)
 
     @torch.no_grad()
     def caption(
@@ -56,14 +94,13 @@ class Predictor:
             pixels = images if isinstance(images, torch.Tensor) else self.processor.images(images)
             return own(pixels, self.processor, None, num_beams=(cfg or BeamConfig()).beams)
         prompt = self.processor.config.text.caption_prompt if prompt is None else prompt
-        vision = self._encode(images, ids)
-        p = self.processor.prompts([prompt] * vision.shape[0])
-        p = {k: v.to(vision.device) for k, v in p.items()}
+        text = self.processor.prompts([prompt] * self._count(images))
+        decoder, vision, input_ids, mask = self._inputs(images, text, ids)
         out = beam_search(
-            self.model.language,
+            decoder,
             vision,
-            p["input_ids"],
-            p["attention_mask"],
+            input_ids,
+            mask,
             self.processor.eos,
             self.processor.pad,
             cfg or BeamConfig(),
@@ -87,32 +124,33 @@ class Predictor:
         search after the question, as ``PrismerVQA(inference="generate")``: ``max_length`` =
         question + 10, ``min_length`` = question + 2, ``length_penalty`` -1 unless ``cfg``."""
         self.model.eval()
-        vision = self._encode(images, ids)
-        if len(questions) != vision.shape[0]:
-            raise ValueError(f"{vision.shape[0]} images but {len(questions)} questions")
-        q = {k: v.to(vision.device) for k, v in self.processor.questions(questions).items()}
+        if len(questions) != self._count(images):
+            raise ValueError(f"{self._count(images)} images but {len(questions)} questions")
+        decoder, vision, input_ids, mask = self._inputs(
+            images, self.processor.questions(questions), ids
+        )
         if candidates:
             a = {k: v.to(vision.device) for k, v in self.processor.answers(candidates).items()}
             ranked = rank_answers(
-                self.model.language,
+                decoder,
                 vision,
-                q["input_ids"],
-                q["attention_mask"],
+                input_ids,
+                mask,
                 a["input_ids"],
                 a["attention_mask"],
                 top_k or len(candidates),
                 self.model.config.label_smoothing,
             )
             return [candidates[j] for j in ranked.answer_index.tolist()]
-        width = q["input_ids"].shape[1]
+        width = input_ids.shape[1]
         cfg = cfg or BeamConfig(
             beams=3, max_length=width + 10, min_length=width + 2, length_penalty=-1.0
         )
         out = beam_search(
-            self.model.language,
+            decoder,
             vision,
-            q["input_ids"],
-            q["attention_mask"],
+            input_ids,
+            mask,
             self.processor.eos,
             self.processor.pad,
             cfg,
@@ -129,20 +167,17 @@ class Predictor:
         """``(B, C)`` label-smoothed mean log-likelihood of ``" " + class`` after ``prompt``
         (Prismer's zero-shot classification ranks "A photo of a [CLASS]")."""
         self.model.eval()
-        vision = self._encode(images)
-        p = {
-            k: v.to(vision.device)
-            for k, v in self.processor.prompts([prompt] * vision.shape[0]).items()
-        }
+        text = self.processor.prompts([prompt] * self._count(images))
+        decoder, vision, input_ids, mask = self._inputs(images, text)
         a = {
             k: v.to(vision.device)
             for k, v in self.processor.answers([c.lower() for c in classes]).items()
         }
         ranked = rank_answers(
-            self.model.language,
+            decoder,
             vision,
-            p["input_ids"],
-            p["attention_mask"],
+            input_ids,
+            mask,
             a["input_ids"],
             a["attention_mask"],
             len(classes),

@@ -71,6 +71,12 @@ class DataConfig:
     labels: str = ""
     # DataLoader worker processes
     workers: int = 0
+    # a text-only reader mixed into every batch ("" = none; e.g. "text_corpus") and its options;
+    # needs a head that trains on text alone (``text_only``, e.g. "prefix_lm")
+    text_dataset: str = ""
+    text_options: dict[str, Any] = field(default_factory=dict)
+    # fraction of each batch taken from text_dataset (SimVLM: 512 of 4,608 = 0.111)
+    text_ratio: float = 0.0
     # augmentation of the image and every expert map together (Prismer's recipe: crop_scale
     # [0.5, 1], hflip 0.5, randaugment_ops 2, magnitude 5); off by default
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -459,6 +465,13 @@ def train(
     valid, dropped_empty = drop_empty([s.target for s in data.samples])
     if not valid:
         raise ValueError(f"dataset {dcfg.dataset!r}: every target text is empty")
+    text_data, n_text = None, 0
+    if dcfg.text_dataset:
+        check_text_only(model, model_cfg, dcfg)
+        n_text = text_rows(cfg.batch_size, dcfg.text_ratio)
+        text_data = build_dataset(
+            host.datasets, dcfg.text_dataset, "train", seed=cfg.seed, **dcfg.text_options
+        )
     feeder = ExpertFeeder(model, host, dcfg.labels)
     if cfg.init_from and not resume:
         load_weights(model, cfg.init_from)
@@ -519,14 +532,18 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg, steps_per_epoch)
             total = 0.0
+            parts: dict[str, float] = {}
             raw.begin_step(step)  # schedules (momentum, ramps, warm-ups) count optimizer steps
+            rank, world = acc.process_index, acc.num_processes
             for micro in range(cfg.grad_accum):
                 pos = batch_indices(
-                    step, micro, acc.process_index, acc.num_processes, cfg, len(valid)
+                    step, micro, rank, world, cfg, len(valid), cfg.batch_size - n_text
                 )
                 idx = [valid[i] for i in pos]
                 samples = [data[i] for i in idx]
-                pixels = torch.stack([images(i) for i in idx]).to(acc.device)
+                if text_data is not None:
+                    t_idx = batch_indices(step, micro, rank, world, cfg, len(text_data), n_text, 1)
+                    samples += [text_data[i] for i in t_idx]
                 # dataset captions are data: cut to the model's limits, never refused
                 batch = {
                     k: v.to(acc.device) for k, v in processor.batch(samples, truncate=True).items()
@@ -534,14 +551,26 @@ def train(
                 batch["image_idx"] = torch.tensor(
                     [image_index(s.image_id) for s in samples], device=acc.device
                 )
-                with torch.no_grad():
-                    experts = feeder(pixels, [label_key(s) for s in samples])
-                    if aug.enabled:
-                        pixels, experts = augment_batch(
-                            pixels, experts, model_cfg.vision.image_size, aug
-                        )
+                batch |= sample_extras(samples, acc.device)
+                # images (and expert labels) of the rows that have one, in batch order
+                with_image = [i for i in idx if data[i].image is not None]
+                if len(with_image) < len(samples):
+                    check_text_only(raw, model_cfg, dcfg)
+                    batch["has_image"] = torch.tensor(
+                        [s.image is not None for s in samples], device=acc.device
+                    )
+                pixels, experts = None, None
+                if with_image:
+                    pixels = torch.stack([images(i) for i in with_image]).to(acc.device)
+                    with torch.no_grad():
+                        experts = feeder(pixels, [label_key(data[i]) for i in with_image])
+                        if aug.enabled:
+                            pixels, experts = augment_batch(
+                                pixels, experts, model_cfg.vision.image_size, aug
+                            )
                 with acc.accumulate(model), acc.autocast():
-                    loss = model(pixels, **batch, experts=experts).loss
+                    out = model(pixels, **batch, experts=experts)
+                    loss = out.loss
                     acc.backward(loss)
                     if acc.sync_gradients:
                         acc.clip_grad_norm_(
@@ -550,13 +579,23 @@ def train(
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                 total += loss.detach().float() / cfg.grad_accum
+                for k, v in out.parts.items():
+                    parts[k] = parts.get(k, 0.0) + float(v) / cfg.grad_accum
             mean_loss = acc.reduce(total, reduction="mean").item()
-            record = {
+            record: dict[str, Any] = {
                 "step": step,
                 "loss": mean_loss,
                 "lr": opt.param_groups[0]["lr"],
                 "seconds": round(time.time() - t_train, 2),
             }
+            if parts:  # the objective's parts (process means), e.g. mu-VLA's pair-weight quantiles
+                names = sorted(parts)
+                values = acc.reduce(
+                    torch.tensor([parts[k] for k in names], device=acc.device), "mean"
+                )
+                record["parts"] = {
+                    k: round(float(v), 6) for k, v in zip(names, values, strict=True)
+                }
             log.append(record)
             if log_file is not None:
                 log_file.write(json.dumps(record) + "\n")
@@ -564,11 +603,14 @@ def train(
             if writer is not None:
                 writer.add_scalar("train/loss", mean_loss, step)
                 writer.add_scalar("train/lr", record["lr"], step)
+                for k, v in record.get("parts", {}).items():
+                    writer.add_scalar(f"train/{k}", v, step)
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                shown = "".join(f"  {k} {v:.3g}" for k, v in record.get("parts", {}).items())
                 say(
-                    f"step {step:5d}  loss {mean_loss:.4f}  lr {record['lr']:.2e}  {time.time() - t_train:.0f}s"
+                    f"step {step:5d}  loss {mean_loss:.4f}  lr {record['lr']:.2e}  {time.time() - t_train:.0f}s{shown}"
                 )
             step += 1
             asked = stop.signal is not None
@@ -655,6 +697,44 @@ def train(
     acc.wait_for_everyone()
     acc.end_training()
     return result
+
+
+def text_rows(batch_size: int, ratio: float) -> int:
+    """Text-only samples in a batch of ``batch_size`` at ``data.text_ratio = ratio``."""
+    n = round(batch_size * ratio)
+    if not 0 < n < batch_size:
+        raise ConfigError(
+            f"data.text_ratio = {ratio} gives {n} text-only samples in a batch of {batch_size}: "
+            f"choose a ratio that leaves 1 to {batch_size - 1} (or unset data.text_dataset)"
+        )
+    return n
+
+
+def check_text_only(model: PrismerModel, model_cfg: ModelConfig, dcfg: DataConfig) -> None:
+    """Text-only samples need a head that trains on them (class attribute ``text_only``)."""
+    if not getattr(model.objective, "text_only", False):
+        source = dcfg.text_dataset or dcfg.dataset
+        raise ConfigError(
+            f"data: {source!r} has text-only samples, but head {model_cfg.head!r} does not train "
+            "on text alone (no text_only): use a head that does (e.g. prefix_lm) or image-text data"
+        )
+
+
+def sample_extras(samples: list, device: torch.device) -> dict[str, torch.Tensor]:
+    """The samples' ``extras`` (per-sample tensors a reader attaches for its head, e.g.
+    mu-VLA's retrieval embeddings) stacked into ``(B, ...)`` keyword arguments."""
+    keys = set(samples[0].extras)
+    if not keys and not any(s.extras for s in samples):
+        return {}
+    for n, s in enumerate(samples):
+        if set(s.extras) != keys:
+            raise ValueError(
+                f"sample {n} ({s.image_id}) has extras {sorted(s.extras)}, sample 0 has "
+                f"{sorted(keys)}: every sample of a batch must carry the same extras"
+            )
+    return {
+        k: torch.stack([torch.as_tensor(s.extras[k]) for s in samples]).to(device) for k in keys
+    }
 
 
 def _open_log(path: Path, log: list[dict]):

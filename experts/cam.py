@@ -50,6 +50,8 @@ class _CAMExpert(Expert):
 
     kind: ClassVar[Literal["dense", "semantic"]] = "semantic"
     channels: ClassVar[int] = 64
+    # image-level ImageNet classes, not detected objects: mu-VLA's offline fallback
+    tag_source: ClassVar[Literal["detection", "classifier"] | None] = "classifier"
 
     def __init__(
         self,
@@ -126,8 +128,8 @@ class _CAMExpert(Expert):
 
     @torch.inference_mode()
     def tags(self, images: Tensor) -> list[list[str]]:
-        """``images (B, 3, H, W)`` RGB in [0, 1] -> the kept ImageNet class names of each image,
-        most probable first."""
+        """Classifier tags: ``images (B, 3, H, W)`` RGB in [0, 1] -> the kept ImageNet class
+        names of each image (image-level classes, not detections), most probable first."""
         check_images(self.name, images)
         names = imagenet_class_names()
         classes, _, _ = self._classify(images)
@@ -150,7 +152,7 @@ class _CAMExpert(Expert):
 
 
 class CAMTags(_CAMExpert):
-    """ImageNet tags placed by class-activation maps.
+    """Classifier tags (image-level ImageNet classes) placed by class-activation maps.
 
     Each image gets its top-k ImageNet classes (see :class:`_CAMExpert`); every pixel gets the
     index ``i`` (1..K_b) of the class whose upsampled CAM is highest there, or 0 (background) where

@@ -34,6 +34,12 @@ def paint_boxes(boxes: Tensor, height: int, width: int) -> tuple[Tensor, list[in
     return out, order
 
 
+def ranked_names(names: list[str], scores: Tensor) -> list[str]:
+    """Class names of detections, most confident first, each name once."""
+    order = scores.detach().float().cpu().argsort(descending=True).tolist()
+    return list(dict.fromkeys(names[i] for i in order))
+
+
 class ObjectDetection(HFExpert):
     """Boxes from ``AutoModelForObjectDetection`` + ``post_process_object_detection``, kept when
     their score is at least ``threshold`` (0.5, as in the reference), painted as instances.
@@ -44,11 +50,13 @@ class ObjectDetection(HFExpert):
 
     Output: ``(B, H, W)`` int64 instance ids (0 = background);
     ``names[b] == ["background", class of instance 1, class of instance 2, ...]``.
+    ``tags(images)``: the detected classes of each image, most confident first.
     """
 
     name: ClassVar[str] = "obj_detection"
     kind: ClassVar[Literal["dense", "semantic"]] = "semantic"
     channels: ClassVar[int] = 64
+    tag_source: ClassVar[Literal["detection", "classifier"] | None] = "detection"
     instances: ClassVar[bool] = True
     label_table: ClassVar[str | None] = "detection"
     default_weights: ClassVar[str] = "facebook/detr-resnet-50"
@@ -74,23 +82,40 @@ class ObjectDetection(HFExpert):
             self._classes[class_id] if 0 <= class_id < len(self._classes) else f"class {class_id}"
         )
 
-    @torch.inference_mode()
-    def predict(self, images: Tensor, inputs: dict[str, LabelMap]) -> LabelMap:
-        """``images (B, 3, H, W)`` in [0, 1] -> instance ids ``(B, H, W)`` int64."""
+    def _detections(self, images: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per image: ``boxes (N, 4)`` xyxy pixels, ``labels (N,)`` class ids, ``scores (N,)``,
+        kept at ``threshold``."""
         b, h, w = check_images(self.name, images)
         outputs = self.model(**self.model_inputs(images))
         results = self.processor.post_process_object_detection(
             outputs, threshold=self.threshold, target_sizes=[(h, w)] * b
         )
-        maps, names = [], []
+        out = []
         for res in results:
             keep = res["scores"] >= self.threshold
-            boxes, labels = res["boxes"][keep], res["labels"][keep]
+            out.append((res["boxes"][keep], res["labels"][keep], res["scores"][keep]))
+        return out
+
+    @torch.inference_mode()
+    def predict(self, images: Tensor, inputs: dict[str, LabelMap]) -> LabelMap:
+        """``images (B, 3, H, W)`` in [0, 1] -> instance ids ``(B, H, W)`` int64."""
+        h, w = images.shape[-2:]
+        maps, names = [], []
+        for boxes, labels, _ in self._detections(images):
             painted, order = paint_boxes(boxes, h, w)
             maps.append(painted)
             names.append(["background", *(self._label(int(labels[i])) for i in order)])
         values = torch.stack(maps).to(images.device)
         return self.check_output(LabelMap(values, names), images)
+
+    @torch.inference_mode()
+    def tags(self, images: Tensor) -> list[list[str]]:
+        """``images (B, 3, H, W)`` in [0, 1] -> each image's detected classes at ``threshold``,
+        most confident first, each once."""
+        return [
+            ranked_names([self._label(int(c)) for c in labels], scores)
+            for _, labels, scores in self._detections(images)
+        ]
 
 
 @hookimpl

@@ -1,4 +1,4 @@
-"""Object detection tags through detectron2 (optional: loads only when detectron2 is importable).
+"""Object detection through detectron2 (optional: loads only when detectron2 is importable).
 
 detectron2 is not on PyPI; install it from source. Without it this plugin module fails to
 import, and the plugin host lists it under "NOT LOADED" with the reason instead of crashing.
@@ -16,7 +16,7 @@ from torch import Tensor
 from prismkit import hookimpl
 from prismkit.core.expert import Expert, LabelMap, WeightsStatus
 from prismkit.experts._common import check_images
-from prismkit.experts.detection import paint_boxes
+from prismkit.experts.detection import paint_boxes, ranked_names
 
 DEFAULT_CONFIG = "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"
 
@@ -32,6 +32,7 @@ class Detectron2Detection(Expert):
     name: ClassVar[str] = "obj_detection_d2"
     kind: ClassVar[Literal["dense", "semantic"]] = "semantic"
     channels: ClassVar[int] = 64
+    tag_source: ClassVar[Literal["detection", "classifier"] | None] = "detection"
 
     def __init__(
         self,
@@ -88,6 +89,20 @@ class Detectron2Detection(Expert):
             maps.append(painted)
             names.append(["background", *(self._classes[classes[i]] for i in order)])
         return self.check_output(LabelMap(torch.stack(maps), names), images)
+
+    @torch.inference_mode()
+    def tags(self, images: Tensor) -> list[list[str]]:
+        """``images (B, 3, H, W)`` in [0, 1] -> each image's detected classes, most confident
+        first, each once."""
+        check_images(self.name, images)
+        self.load()
+        out = []
+        for img in images:
+            arr = (img.clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy()
+            inst = self._predictor(np.ascontiguousarray(arr))["instances"].to("cpu")
+            names = [self._classes[c] for c in inst.pred_classes.tolist()]
+            out.append(ranked_names(names, inst.scores))
+        return out
 
 
 @hookimpl

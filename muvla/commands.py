@@ -7,13 +7,12 @@ import sys
 from pathlib import Path
 
 from prismkit.muvla.corpus import (
+    AUTO_TAGGER,
     DEFAULT_SENTENCE_ENCODER,
-    DEFAULT_TAGS_EXPERT,
     build_pairs,
+    choose_tagger,
     list_images,
 )
-
-INDEX_FORMAT = "prismkit.muvla_index/1"
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -22,7 +21,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from prismkit.labels.embedding import TextEncoder
 
     host = getattr(args, "host", None) or get_plugin_manager(getattr(args, "plugins_toml", None))
-    tagger = host.expert(args.tags_expert)(device=args.device)
+    tagger, why = choose_tagger(host, args.tags_expert, device=args.device)
     encoder = TextEncoder(args.encoder, device=args.device, batch_size=args.batch_size)
     report = build_pairs(
         list_images(args.images),
@@ -38,6 +37,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         drop_non_english=not args.keep_non_english,
         min_letters=args.min_letters,
     )
+    report.tagger = why
     print(report.summary())
     if report.no_tags:
         print(
@@ -56,7 +56,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     b.add_argument("--k", type=int, default=5, help="sentences retrieved per image")
     b.add_argument("--shard-size", type=int, default=100_000, help="sentences per index shard")
     b.add_argument("--index", type=Path, default=None, help="shard folder (default OUT.index)")
-    b.add_argument("--tags-expert", default=DEFAULT_TAGS_EXPERT, help="expert with tags(images)")
+    b.add_argument(
+        "--tags-expert",
+        default=AUTO_TAGGER,
+        help="expert whose tags(images) query the corpus; auto: a detection expert when one is "
+        "enabled and has its weights, else classifier tags (obj_tags_cam)",
+    )
     b.add_argument("--encoder", default=DEFAULT_SENTENCE_ENCODER, help="sentence encoder")
     b.add_argument("--batch-size", type=int, default=256, help="sentences per encoder call")
     b.add_argument("--image-batch", type=int, default=32, help="images per tags call")

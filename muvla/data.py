@@ -13,10 +13,7 @@ from torch import Tensor
 
 from prismkit.core.data import DataError, Sample, VLDataset, _subset
 from prismkit.core.heads import IGNORE
-from prismkit.muvla.corpus import tags_text
-
-INDEX_FORMAT = "prismkit.muvla_index/1"
-
+from prismkit.muvla.corpus import embeddings_path, read_embeddings, tags_text
 
 # -- noun phrases and the batch extras ---------------------------------------------------------
 STOP_WORDS = frozenset(
@@ -62,6 +59,18 @@ def noun_phrase_spans(sentence: str, tags: Sequence[str]) -> list[tuple[int, int
     return spans
 
 
+def maskable(tokenizer: Any, ids: Sequence[int]) -> list[bool]:
+    """Which token ids are (part of) a word and may be masked: not special tokens, and their
+    decoded text holds a letter or digit. Decoding matters: a byte-level BPE piece carries its
+    leading space as a marker (RoBERTa's ``"Ġ,"``) and ``"Ġ".isalnum()`` is True, so reading the
+    raw piece would make punctuation an MLM target."""
+    special = set(tokenizer.all_special_ids)
+    texts = tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
+    return [
+        i not in special and any(c.isalnum() for c in t) for i, t in zip(ids, texts, strict=True)
+    ]
+
+
 def _encode_span(processor: Any, text: str, spans: Sequence[tuple[int, int]] = ()) -> _Row:
     """``[BOS] text [EOS]`` ids (cut to the model's max_text_len), which tokens are maskable
     (words, not specials or punctuation) and which lie in ``spans``."""
@@ -69,7 +78,7 @@ def _encode_span(processor: Any, text: str, spans: Sequence[tuple[int, int]] = (
     limit = processor.config.max_text_len - 2
     ids = enc["input_ids"][:limit]
     offs = enc["offset_mapping"][:limit]
-    word = [any(c.isalnum() for c in text[s:e]) for s, e in offs]
+    word = maskable(processor.tokenizer, ids)
     inside = [
         any(s < b and e > a for a, b in spans) and w for (s, e), w in zip(offs, word, strict=True)
     ]
@@ -140,19 +149,15 @@ def extras_from_encoded(
     processor: Any, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
 ) -> dict[str, Tensor]:
     """:func:`muvla_extras` recovered from a plain ``encode(prompt=tags, target=sentence)`` batch
-    (what ``prismkit.engine.train`` passes). Token ids are taken as they are: tags = the tokens
-    before the first label, sentence = the labelled tokens without EOS. Noun phrases need words:
-    the sentence and tags are decoded, chunked and the sentence re-encoded; a row whose
-    re-encoding differs from its ids (a lossy tokenizer) gets no noun-phrase tokens."""
+    (what ``prismkit.engine.train`` passes): tags = the tokens before the first label, as they
+    are; the sentence (the labelled tokens without EOS) is decoded and re-encoded alone, as
+    :func:`muvla_extras` encodes it (in the plain batch it follows the tags in one string, so
+    with byte-level BPE its first word carries a space marker it does not have alone), with its
+    noun phrases chunked from the decoded text."""
     tok = processor.tokenizer
-    special = set(tok.all_special_ids)
 
     def words(ids: list[int]) -> list[bool]:
-        pieces = tok.convert_ids_to_tokens(ids)
-        return [
-            i not in special and any(c.isalnum() for c in p)
-            for i, p in zip(ids, pieces, strict=True)
-        ]
+        return maskable(tok, ids)
 
     t_rows: list[_Row] = []
     s_rows: list[_Row] = []
@@ -169,10 +174,7 @@ def extras_from_encoded(
         t_rows.append((t_ids, [False, *words(prompt), False], [False] * len(t_ids)))
         text = tok.decode(sent, skip_special_tokens=True).strip()
         tags = split_tags(tok.decode(prompt, skip_special_tokens=True))
-        s_ids = [processor.bos, *sent, processor.eos]
-        again = _encode_span(processor, text, noun_phrase_spans(text, tags))
-        inside = again[2] if again[0] == s_ids else [False] * len(s_ids)
-        s_rows.append((s_ids, [False, *words(sent), False], inside))
+        s_rows.append(_encode_span(processor, text, noun_phrase_spans(text, tags)))
     out = _to_tensors(processor, t_rows, s_rows)
     return {k: v.to(input_ids.device) for k, v in out.items()}
 
@@ -180,10 +182,14 @@ def extras_from_encoded(
 # -- the dataset reader ------------------------------------------------------------------------
 class MuVLAPairs(VLDataset):
     """The weakly aligned pairs JSONL of ``prismkit muvla build``: one sample per row with
-    ``rank <= max_rank``; ``prompt`` = the tag sentence (``"tag1, tag2"``), ``target`` = the
-    retrieved sentence, so the plain training loop's ``encode(prompt, target)`` carries
-    everything :class:`MuVLAObjective` needs. Relative image paths are relative to the JSONL's
-    folder."""
+    ``rank <= max_rank`` and ``score >= min_score``; ``prompt`` = the tag sentence
+    (``"tag1, tag2"``), ``target`` = the retrieved sentence, so the plain training loop's
+    ``encode(prompt, target)`` carries everything :class:`MuVLAObjective` needs. Relative image
+    paths are relative to the JSONL's folder.
+
+    When the build's retrieval embeddings lie beside the JSONL (:func:`embeddings_path`), each
+    sample carries them as ``extras`` ``tag_emb (D,)`` and ``sent_emb (D,)``: the training loop
+    hands them to the objective, whose ITM hard negatives are drawn by retrieval similarity."""
 
     name: ClassVar[str] = "muvla_pairs"
     task: ClassVar[str] = "caption"
@@ -204,9 +210,12 @@ class MuVLAPairs(VLDataset):
                 f"pairs file {path} does not exist: build it with `prismkit muvla build`"
             )
         samples: list[Sample] = []
+        emb = read_embeddings(path)
+        index = -1  # row of the JSONL (non-empty lines), as in the embeddings file
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
+            index += 1
             try:
                 row = json.loads(line)
                 image, sentence, rank = str(row["image"]), str(row["sentence"]), int(row["rank"])
@@ -222,5 +231,17 @@ class MuVLAPairs(VLDataset):
             img = Path(image) if Path(image).is_absolute() else path.parent / image
             if not img.is_file():
                 raise DataError(f"{path} line {n}: image {img} does not exist")
-            samples.append(Sample(str(img), image, tags_text(tags), sentence.strip(), [sentence]))
+            extras = {}
+            if emb is not None:
+                if index >= emb[0].shape[0]:
+                    raise DataError(
+                        f"{path} line {n}: no retrieval embedding for row {index} in "
+                        f"{embeddings_path(path)}: rebuild with `prismkit muvla build`"
+                    )
+                extras = {"tag_emb": emb[0][index], "sent_emb": emb[1][index]}
+            samples.append(
+                Sample(
+                    str(img), image, tags_text(tags), sentence.strip(), [sentence], extras=extras
+                )
+            )
         super().__init__(_subset(samples, fraction, seed))

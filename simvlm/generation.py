@@ -9,55 +9,17 @@ import torch
 from torch import Tensor
 
 from prismkit.core.generation import BeamConfig, beam_search
-from prismkit.core.language.decoder import DecoderCache, TextDecoder
-from prismkit.core.model import PrismerModel
+from prismkit.core.model import ExpertInput, PrismerModel
 from prismkit.core.processor import ImageLike, Processor
 from prismkit.engine.evaluate import Predictor
-
-# timm ResNet modules up to the end of stage 3 (stride 16); same names as in timm's checkpoints
-
-
-# -- zero-shot generation with the prompt as prefix ---------------------------------------------
-class PrefixDecoder:
-    """A :class:`TextDecoder` as ``beam_search``/``score_candidates`` call it, with the prompt as
-    a bidirectional prefix: the first call (no cache) runs the prompt with ``prefix_len`` = its
-    real tokens; cached steps add causal tokens; uncached re-runs (``use_cache=False``) keep the
-    prompt's ``prefix_len`` (beams are reordered only among the rows of one prompt)."""
-
-    def __init__(self, decoder: TextDecoder) -> None:
-        self.decoder = decoder
-        self.prefix_len: Tensor | None = None
-
-    def __call__(
-        self,
-        input_ids: Tensor,
-        vision: Tensor | None,
-        attention_mask: Tensor | None = None,
-        cache: DecoderCache | None = None,
-    ) -> tuple[Tensor, DecoderCache]:
-        if cache is not None:
-            return self.decoder(input_ids, vision, attention_mask, cache=cache)
-        if self.prefix_len is None:
-            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-            self.prefix_len = mask.sum(1)
-        elif self.prefix_len.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"prompt batch had {self.prefix_len.shape[0]} rows, this call {input_ids.shape[0]}"
-            )
-        return self.decoder(input_ids, vision, attention_mask, prefix_len=self.prefix_len)
-
-    def logits(self, hidden: Tensor) -> Tensor:
-        return self.decoder.logits(hidden)
-
-    @property
-    def pad_token_id(self) -> int:
-        return self.decoder.pad_token_id
+from prismkit.simvlm.decoders import PrefixDecoder
 
 
-def _encode(
+def _pixels(
     source: Predictor | PrismerModel, processor: Processor, images: Sequence[ImageLike] | Tensor
-) -> tuple[PrismerModel, Tensor]:
-    """Images -> (model, vision tokens ``(B, Nv, D)``); a Predictor's feeder runs the experts."""
+) -> tuple[PrismerModel, Tensor, dict[str, ExpertInput] | None]:
+    """Images -> (model, pixels ``(B, 3, S, S)``, expert inputs); a Predictor's feeder runs the
+    experts."""
     model = source.model if isinstance(source, Predictor) else source
     model.eval()
     device = next(model.parameters()).device
@@ -78,7 +40,7 @@ def _encode(
         )
     else:
         experts = None
-    return model, model.encode_image(pixels, experts)
+    return model, pixels, experts
 
 
 @torch.no_grad()
@@ -92,16 +54,26 @@ def prefix_generate(
     """Beam-search a continuation of each prompt (one per image), the prompt read as a
     bidirectional prefix. ``images``: paths, PIL images, arrays or ``(B, 3, S, S)`` in [0, 1].
     ``cfg`` lengths count new tokens unless ``cfg.new_tokens`` is False (default: 20 new tokens,
-    at least 1)."""
-    model, vision = _encode(source, processor, images)
-    if len(prompts) != vision.shape[0]:
-        raise ValueError(f"{vision.shape[0]} images but {len(prompts)} prompts")
-    p = {k: v.to(vision.device) for k, v in processor.prompts(list(prompts)).items()}
+    at least 1). A ``prefix_lm`` model generates as it was trained (decoder-only or joint
+    encoder-decoder, the head's ``generation_inputs``); any other model reads the prompt
+    bidirectionally in its language model."""
+    model, pixels, experts = _pixels(source, processor, images)
+    if len(prompts) != pixels.shape[0]:
+        raise ValueError(f"{pixels.shape[0]} images but {len(prompts)} prompts")
+    p = {k: v.to(pixels.device) for k, v in processor.prompts(list(prompts)).items()}
+    hook = getattr(model.objective, "generation_inputs", None)
+    if hook is not None:
+        decoder, vision, ids, mask = hook(
+            model, pixels, experts, p["input_ids"], p["attention_mask"]
+        )
+    else:
+        decoder = PrefixDecoder(model.language)
+        vision, ids, mask = model.encode_image(pixels, experts), p["input_ids"], p["attention_mask"]
     out = beam_search(
-        PrefixDecoder(model.language),  # type: ignore[arg-type]  # duck-typed TextDecoder
+        decoder,  # type: ignore[arg-type]  # duck-typed TextDecoder
         vision,
-        p["input_ids"],
-        p["attention_mask"],
+        ids,
+        mask,
         processor.eos,
         processor.pad,
         cfg or BeamConfig(max_length=20, min_length=1, new_tokens=True),

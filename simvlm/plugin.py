@@ -1,11 +1,10 @@
 """SimVLM (Wang et al., ICLR 2022) as a prismkit plugin: a ResNet conv image tokenizer
-(``resnet_stages``, ``resnet152_stages``), the prefix-LM objective (``prefix_lm``), zero-shot
-captioning / open-ended VQA with the prompt as prefix, and its model configs.
-
-Departure from the paper, forced by the Prismer layout: SimVLM encodes image tokens and the text
-prefix in one bidirectional encoder. Here the vision transformer encodes the image tokens
-(bidirectional among themselves) and every text token cross-attends to all of them; the text
-prefix attends bidirectionally within itself, the suffix causally.
+(``resnet_stages``, ``resnet152_stages``), the prefix-LM objective (``prefix_lm``: decoder-only,
+or the paper's encoder-decoder with ``joint_encoder``), the ``text_corpus`` text-only reader,
+the ``none`` adaptor (models trained from scratch), zero-shot captioning / open-ended VQA with
+the prompt as prefix, and its model configs (``simvlm_base``: the paper, from scratch;
+``simvlm_pretrained_base`` and ``offline_default_simvlm``: its objective on pretrained
+backbones). README.md reads it against the paper point by point.
 """
 
 from __future__ import annotations
@@ -14,8 +13,9 @@ from pathlib import Path
 
 from prismkit.core.config import register_config_folder
 from prismkit.core.hookspecs import hookimpl
+from prismkit.simvlm.data import TextCorpus
 from prismkit.simvlm.objective import PrefixLMObjective
-from prismkit.simvlm.stems import ResNet152StagesStem, ResNetStagesStem
+from prismkit.simvlm.stems import NoAdaptor, ResNet152StagesStem, ResNetStagesStem
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -27,8 +27,18 @@ def register_image_stems(register) -> None:
 
 
 @hookimpl
+def register_adaptors(register) -> None:
+    register(NoAdaptor)
+
+
+@hookimpl
 def register_heads(register) -> None:
     register(PrefixLMObjective)
+
+
+@hookimpl
+def register_datasets(register) -> None:
+    register(TextCorpus)
 
 
 @hookimpl

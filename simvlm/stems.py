@@ -105,3 +105,13 @@ class ResNet152StagesStem(ResNetStagesStem):
     name = "resnet152_stages"
     default_arch = "resnet152"
     default_pretrained = "timm/resnet152.a1h_in1k"
+
+
+class NoAdaptor(nn.Identity):
+    """No adaptor (``adaptor.name = "none"``): a model trained from scratch (SimVLM) has no
+    frozen backbone to adapt, so its layers get nothing inserted."""
+
+    name = "none"
+
+    def __init__(self, *, width: int, hidden: int, **_: object) -> None:
+        super().__init__()

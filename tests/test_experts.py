@@ -636,6 +636,19 @@ def test_detection_names_follow_instances(tiny_detr: str, images: torch.Tensor) 
     assert strict.values.max() == 0 and strict.names == [["background"], ["background"]]
 
 
+def test_detection_tags_are_the_detected_classes_most_confident_first(
+    tiny_detr: str, images: torch.Tensor
+) -> None:
+    expert = ObjectDetection(weights=tiny_detr, threshold=0.0)
+    assert expert.tag_source == "detection"
+    tags = expert.tags(images)
+    out = expert.predict(images, {})
+    for b, (_, labels, scores) in enumerate(expert._detections(images)):
+        assert len(tags[b]) == len(set(tags[b])) and set(tags[b]) == set(out.names[b][1:])
+        assert tags[b][0] == expert._label(int(labels[scores.argmax()]))
+    assert ObjectDetection(weights=tiny_detr).tags(images) == [[], []]  # nothing at 0.5
+
+
 # ---------------------------------------------------------------- OCR
 
 

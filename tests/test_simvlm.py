@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,17 +14,26 @@ from helpers import tiny_config
 from safetensors.torch import save_file
 
 from prismkit import hookimpl
-from prismkit.core.config import ModelConfig
+from prismkit.core.config import ConfigError, ModelConfig, resolve_config
+from prismkit.core.data import DataError
 from prismkit.core.generation import BeamConfig
 from prismkit.core.heads import IGNORE
 from prismkit.core.host import PluginHost, get_plugin_manager
 from prismkit.core.model import PrismerModel, create_model
 from prismkit.core.processor import Processor
+from prismkit.engine.batching import batch_indices
 from prismkit.engine.evaluate import Predictor
 from prismkit.engine.train import DataConfig, RunConfig, TrainConfig, train
 from prismkit.simvlm import plugin as simvlm_plugin
-from prismkit.simvlm.generation import PrefixDecoder, prefix_caption, prefix_vqa
-from prismkit.simvlm.objective import PrefixLMObjective, sample_prefix_len
+from prismkit.simvlm.data import TextCorpus, word_chunks
+from prismkit.simvlm.decoders import JointDecoder, PrefixDecoder
+from prismkit.simvlm.generation import prefix_caption, prefix_vqa
+from prismkit.simvlm.objective import (
+    PrefixLMObjective,
+    first_tokens,
+    sample_prefix_len,
+    split_prefix,
+)
 from prismkit.simvlm.stems import ResNet152StagesStem, ResNetStagesStem, resnet_trunk_filter
 
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -150,18 +160,42 @@ def test_load_pretrained_rejects_wrong_files(resnet18_file, tmp_path):
 
 
 # -- prefix LM ----------------------------------------------------------------------------------
-def test_split_points_uniform_and_reproducible():
-    mask = torch.zeros(3, 7, dtype=torch.long)
-    for row, n in enumerate((7, 3, 2)):  # real tokens incl. BOS; L = n - 1 after BOS
-        mask[row, :n] = 1
-    draws = torch.stack(
-        [sample_prefix_len(mask, torch.Generator().manual_seed(s)) for s in range(1200)]
+def test_split_points_drawn_after_the_prompt_image_only_prefix_included():
+    # rows: [BOS p p t t t EOS] (prompt 2, n = 4 targets), [BOS t EOS] (n = 2),
+    # [BOS p EOS] (n = 1), [BOS p p] (no targets), [pad pad BOS p t EOS] (left-padded, n = 2)
+    mask = torch.tensor(
+        [[1] * 7, [1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0]]
+        + [[0, 0, 1, 1, 1, 1, 0]]
     )
-    counts = torch.bincount(draws[:, 0], minlength=7)
-    assert counts[:2].sum() == 0 and counts[2:].min() > 1200 / 5 * 0.75  # uniform over 2..6
-    assert (draws[:, 1] == 2).all() and (draws[:, 2] == 1).all()  # L=2: BOS+1; L=1: BOS only
+    labels = torch.full_like(mask, IGNORE)
+    labels[0, 3:7] = 9
+    labels[1, 1:3] = 9
+    labels[2, 2] = 9
+    labels[4, 4:6] = 9
+    draws = torch.stack(
+        [sample_prefix_len(mask, labels, torch.Generator().manual_seed(s)) for s in range(1200)]
+    )
+    counts = torch.bincount(draws[:, 0], minlength=8)
+    # BOS + prompt always in the prefix; 0..3 caption tokens after it, uniformly (3 = image only)
+    assert counts[:3].sum() == 0 and counts[7:].sum() == 0
+    assert counts[3:7].min() > 1200 / 4 * 0.8
+    assert set(draws[:, 1].tolist()) == {1, 2}  # no prompt: BOS alone (image-only) or + 1 token
+    assert (draws[:, 2] == 2).all()  # one target (EOS): the prefix is BOS + prompt
+    assert (draws[:, 3] == 3).all()  # no target: all prefix
+    assert set(draws[:, 4].tolist()) == {2, 3}  # padding does not count
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    assert torch.equal(sample_prefix_len(mask, g1), sample_prefix_len(mask, g2))
+    assert torch.equal(sample_prefix_len(mask, labels, g1), sample_prefix_len(mask, labels, g2))
+
+
+def test_caption_batch_split_never_cuts_the_prompt(tiny_dir):
+    processor = Processor.from_config(tiny_config(tiny_dir, "tiny_z"))
+    batch = processor.encode(["a picture of"] * 2, ["a red circle", "a blue shape in the image"])
+    prompt = 1 + len(processor.tokenizer("a picture of", add_special_tokens=False)["input_ids"])
+    for seed in range(50):
+        pl = sample_prefix_len(
+            batch["attention_mask"], batch["labels"], torch.Generator().manual_seed(seed)
+        )
+        assert (pl >= prompt).all() and (pl < batch["attention_mask"].sum(1)).all()
 
 
 @torch.no_grad()
@@ -200,7 +234,9 @@ def test_loss_only_on_suffix_and_split_is_seeded(model):
     loss, _ = obj(model, **(batch | {"labels": in_suffix}), prefix_len=prefix)
     assert not torch.allclose(loss, base)
     seeded, _ = PrefixLMObjective(seed=3)(model, **batch)
-    drawn = sample_prefix_len(batch["attention_mask"], torch.Generator().manual_seed(3))
+    drawn = sample_prefix_len(
+        batch["attention_mask"], batch["labels"], torch.Generator().manual_seed(3)
+    )
     explicit, _ = obj(model, **batch, prefix_len=drawn)
     torch.testing.assert_close(seeded, explicit)
 
@@ -240,6 +276,148 @@ def test_mixed_batch_is_the_token_weighted_mean_of_both_passes(model):
     torch.testing.assert_close(none, absent)
     with pytest.raises(ValueError, match="has_image"):
         obj(model, **(batch | {"images": None}), has_image=torch.ones(3, dtype=torch.bool))
+
+
+# -- joint encoder (the paper's encoder-decoder) ------------------------------------------------
+@pytest.fixture(scope="module")
+def joint(tiny_dir) -> PrismerModel:
+    """tiny_z as SimVLM's encoder-decoder; a random 16-wide ViT so the prefix is projected."""
+    cfg = tiny_config(tiny_dir, "tiny_z", head="prefix_lm", head_options={"joint_encoder": True})
+    cfg.vision.pretrained, cfg.vision.frozen, cfg.vision.width = None, False, 16
+    torch.manual_seed(0)
+    m = create_model(cfg, simvlm_host())
+    lang = m.language
+    for layer in lang.layers:  # zero-initialised cross-attention would hide the encoder
+        torch.nn.init.normal_(layer.cross_attn.out_proj.weight, std=0.2)
+    return m.eval()
+
+
+def test_split_prefix_packs_left_and_right_padded_rows():
+    ids = torch.tensor([[2, 5, 6, 7, 8, 3], [0, 0, 2, 9, 10, 3]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    labels = torch.tensor([[IGNORE, IGNORE, 6, 7, 8, 3], [IGNORE] * 3 + [9, 10, 3]])
+    split = split_prefix(ids, mask, labels, torch.tensor([3, 1]))
+    assert split.enc_ids.tolist() == [[2, 5, 6], [2, 0, 0]]
+    assert split.enc_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert split.dec_ids.tolist() == [[2, 7, 8, 3], [2, 9, 10, 3]]
+    assert split.dec_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
+    assert split.dec_labels.tolist() == [[IGNORE, 7, 8, 3], [IGNORE, 9, 10, 3]]
+    assert first_tokens(ids, mask).tolist() == [[2], [2]]
+
+
+def test_joint_head_has_its_projection_and_it_trains(joint):
+    obj = joint.objective
+    assert obj.joint_encoder and isinstance(obj.text_proj, torch.nn.Linear)
+    assert (obj.text_proj.in_features, obj.text_proj.out_features) == (32, 16)
+    assert all(p.requires_grad for p in obj.parameters())
+
+
+@torch.no_grad()
+def test_joint_encoder_is_bidirectional_over_image_and_prefix(joint):
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(1, 3, 32, 32, generator=g)
+    ids = torch.randint(5, 60, (1, 4), generator=g)
+    mask = torch.ones_like(ids)
+    obj = joint.objective
+    memory, memory_mask = obj.encode(joint, images, None, ids, mask)
+    n_img = memory.shape[1] - 4
+    assert n_img == 16 and memory_mask.tolist() == [[1] * (n_img + 4)]
+    other = ids.clone()
+    other[0, 3] += 1  # the last prefix token reaches every image token and the first text one
+    changed, _ = obj.encode(joint, images, None, other, mask)
+    assert not torch.isclose(changed, memory, atol=1e-6).all(-1).any()
+    brighter, _ = obj.encode(joint, images * 0.5, None, ids, mask)
+    assert not torch.isclose(brighter[:, n_img:], memory[:, n_img:], atol=1e-6).all(-1).any()
+    padded, pmask = obj.encode(  # a padded prefix position is hidden from every other token
+        joint,
+        images,
+        None,
+        torch.cat([ids, ids[:, :1] + 7], 1),
+        torch.cat([mask, mask[:, :1] * 0], 1),
+    )
+    torch.testing.assert_close(padded[:, :-1], memory, rtol=1e-5, atol=1e-5)
+    assert pmask[0, -1] == 0
+
+
+@torch.no_grad()
+def test_joint_loss_is_padding_free_and_only_on_the_suffix(joint):
+    batch = _batch(b=3, t=9, seed=5)
+    batch["images"] = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    prefix = torch.tensor([4, 3, 5])
+    obj = joint.objective
+    loss, _ = obj(joint, **batch, prefix_len=prefix)
+    # the batched loss is the token-weighted mean of each row run alone (no padding anywhere)
+    total, count = 0.0, 0
+    for r in range(3):
+        n = int(batch["attention_mask"][r].sum())
+        row = {k: v[r : r + 1, :n] if v.dim() == 2 else v[r : r + 1] for k, v in batch.items()}
+        part, _ = obj(joint, **row, prefix_len=prefix[r : r + 1])
+        k = int((row["labels"][0, prefix[r] :] != IGNORE).sum())
+        total, count = total + part * k, count + k
+    torch.testing.assert_close(loss, total / count, rtol=1e-5, atol=1e-6)
+    in_prefix = batch["labels"].clone()
+    in_prefix[0, 3] = 7  # position 3 < prefix 4: an encoder token, not learned
+    same, _ = obj(joint, **(batch | {"labels": in_prefix}), prefix_len=prefix)
+    torch.testing.assert_close(same, loss, rtol=0, atol=0)
+    # the decoder reads the prefix only through the encoder: a prefix token change moves the loss
+    ids = batch["input_ids"].clone()
+    ids[0, 3] = (ids[0, 3] + 1) % 60 + 5
+    moved, _ = obj(joint, **(batch | {"input_ids": ids}), prefix_len=prefix)
+    assert not torch.allclose(moved, loss)
+
+
+def test_joint_text_only_rows_and_mixed_batches(joint):
+    batch, prefix = _batch(seed=6), torch.tensor([3, 2, 4])
+    obj = joint.objective
+    has = torch.tensor([True, False, True])
+    with torch.no_grad():
+        mixed, _ = obj(joint, **batch, prefix_len=prefix, has_image=has)
+        only = batch | {"images": batch["images"][[0, 2]]}  # images of the image rows only
+        same, _ = obj(joint, **only, prefix_len=prefix, has_image=has)
+    torch.testing.assert_close(mixed, same, rtol=0, atol=0)
+    joint.zero_grad(set_to_none=True)
+    text = batch | {"images": None}
+    loss, _ = obj(joint, **text, prefix_len=prefix)
+    loss.backward()  # the encoder reads the text alone: the vision transformer and projection learn
+    assert joint.vision.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert obj.text_proj.weight.grad.abs().sum() > 0
+    assert joint.vision.stem.proj.weight.grad is None
+    joint.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def test_joint_generation_cached_equals_uncached_and_predictor_uses_it(joint, tiny_dir):
+    processor = Processor.from_config(joint.config)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    cfg = BeamConfig(beams=2, max_length=5, min_length=2)
+    questions = ["what color?", "is there a red shape in the image?"]  # different prompt lengths
+    answers = prefix_vqa(joint, processor, images, questions, cfg=cfg)
+    uncached = BeamConfig(beams=2, max_length=5, min_length=2, use_cache=False)
+    assert prefix_vqa(joint, processor, images, questions, cfg=uncached) == answers
+    predictor = Predictor(joint, processor, lambda pixels, ids: {})
+    caps = prefix_caption(joint, processor, images, cfg=cfg)
+    assert predictor.caption(images, "a picture of", cfg) == caps
+    # the decoder starts from BOS; the left-padded prompt lives in the encoder, masked
+    p = processor.prompts(questions)
+    dec, memory, ids, mask = joint.objective.generation_inputs(
+        joint, images, None, p["input_ids"], p["attention_mask"]
+    )
+    assert isinstance(dec, JointDecoder) and ids.tolist() == [[processor.bos]] * 2
+    assert memory.shape[1] == 16 + p["input_ids"].shape[1]
+    h1, cache = dec(ids, memory, mask)
+    for r in range(2):  # each row as if alone (no padding): the padded prompt is hidden
+        alone = processor.prompts(questions[r : r + 1])
+        row, _ = joint.objective.encode(
+            joint, images[r : r + 1], None, alone["input_ids"], alone["attention_mask"]
+        )
+        h2, _ = joint.language(ids[r : r + 1], row, mask[r : r + 1])
+        torch.testing.assert_close(h1[r : r + 1], h2, rtol=1e-5, atol=1e-5)
+    nxt = torch.tensor([[7], [9]])
+    step, _ = dec(nxt, None, torch.ones_like(nxt), cache=cache)
+    full, _ = JointDecoder(joint.language, dec.memory_mask)(
+        torch.cat([ids, nxt], 1), memory, torch.ones(2, 2, dtype=torch.long)
+    )
+    torch.testing.assert_close(step[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
 
 
 # -- generation ---------------------------------------------------------------------------------
@@ -320,3 +498,172 @@ def test_train_three_steps_through_the_registry(tiny_dir, tmp_path, resnet18_fil
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert result["steps"] == 3 and math.isfinite(result["final_loss"])
     assert (tmp_path / "model.safetensors").exists()
+
+
+# -- text-only data in the training loop --------------------------------------------------------
+def test_text_corpus_reader(tmp_path):
+    path = tmp_path / "c4.txt"
+    path.write_text("a red circle on a mat\n\n   \none two three four five six seven\n")
+    data = TextCorpus(path=str(path), chunk_words=3)
+    assert [s.target for s in data] == [
+        "a red circle",
+        "on a mat",
+        "one two three",
+        "four five six",
+        "seven",
+    ]
+    assert all(s.image is None and s.prompt == "" for s in data) and data.task == "text"
+    assert len(TextCorpus(path=str(path))) == 2 and word_chunks("  ", 4) == []
+    with pytest.raises(DataError, match="text-only"):
+        data.image(0)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\n\xff\xfe broken\n")
+    with pytest.raises(DataError, match="line 2 is not UTF-8"):
+        TextCorpus(path=str(bad))
+    with pytest.raises(DataError, match="does not exist"):
+        TextCorpus(path=str(tmp_path / "none.txt"))
+
+
+def test_text_stream_has_its_own_order():
+    cfg = TrainConfig(batch_size=4, seed=0)
+    a = batch_indices(3, 0, 0, 1, cfg, 50, per=3)
+    b = batch_indices(3, 0, 0, 1, cfg, 50, per=1, stream=1)
+    assert len(a) == 3 and len(b) == 1
+    assert batch_indices(3, 0, 0, 1, cfg, 50) == batch_indices(3, 0, 0, 1, cfg, 50, per=4)
+    # the text stream walks its own permutations: one epoch of 50 covers every text sample once
+    epoch = [i for s in range(10) for i in batch_indices(s, 0, 0, 1, cfg, 50, 5, 1)]
+    assert sorted(epoch) == list(range(50)) and epoch != list(range(50))
+    assert epoch != [i for s in range(10) for i in batch_indices(s, 0, 0, 1, cfg, 50, 5)]
+
+
+def test_training_loop_mixes_text_only_samples(tiny_dir, tmp_path, monkeypatch):
+    corpus = tmp_path / "c4.txt"
+    words = ["alpha", "beta", "gamma", "delta"]
+    corpus.write_text("\n".join(f"the {w} text line number {i}" for i, w in enumerate(words)))
+    seen = []
+    forward = PrefixLMObjective.forward
+
+    def spy(self, model, **kw):
+        seen.append((kw["images"], kw["has_image"], kw["input_ids"].shape[0]))
+        return forward(self, model, **kw)
+
+    monkeypatch.setattr(PrefixLMObjective, "forward", spy)
+    cfg = tiny_config(tiny_dir, "tiny_z", head="prefix_lm", head_options={"joint_encoder": True})
+    t = TrainConfig(
+        steps=2, batch_size=4, grad_accum=2, warmup=1, eval_questions=0, out_dir=str(tmp_path / "r")
+    )
+    data = DataConfig(
+        dataset="easyvqa_captions",
+        fraction=0.02,
+        text_dataset="text_corpus",
+        text_options={"path": str(corpus)},
+        text_ratio=0.25,
+    )
+    result = train(cfg, RunConfig(data=data, train=t), simvlm_host())
+    assert result["steps"] == 2 and math.isfinite(result["final_loss"])
+    assert len(seen) == 4  # 2 steps x 2 micro-batches
+    for images, has_image, b in seen:
+        assert b == 4 and has_image.tolist() == [True, True, True, False]
+        assert images.shape[0] == 3  # only the rows with an image are decoded and encoded
+    log = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert set(log[0]["parts"]) == {"prefix_lm"}
+    # a head that cannot train on text alone is refused, naming the field
+    lm = tiny_config(tiny_dir, "tiny_z")
+    with pytest.raises(ConfigError, match="text-only samples"):
+        train(
+            lm, RunConfig(data=data, train=replace(t, out_dir=str(tmp_path / "r2"))), simvlm_host()
+        )
+    bad = DataConfig(dataset="easyvqa_captions", text_dataset="text_corpus", text_ratio=0.01)
+    with pytest.raises(ConfigError, match="data.text_ratio"):
+        train(
+            cfg, RunConfig(data=bad, train=replace(t, out_dir=str(tmp_path / "r3"))), simvlm_host()
+        )
+
+
+# -- simvlm_base from scratch -------------------------------------------------------------------
+def test_simvlm_base_is_the_paper_layout_all_trainable():
+    host = simvlm_host()
+    cfg = resolve_config(host, "simvlm_base")
+    assert cfg.vision.pretrained is None and cfg.language.pretrained is None
+    assert cfg.vision.stem_pretrained == "none" and cfg.head_options == {"joint_encoder": True}
+    with torch.device("meta"):
+        m = PrismerModel.from_config(cfg, host)
+    assert m.parameter_counts()["frozen"] == 0
+    assert all(isinstance(layer.adaptor, torch.nn.Identity) for layer in m.language.layers)
+    assert m.vision.stem.arch == "resnet101" and m.objective.joint_encoder
+    pre = resolve_config(host, "simvlm_pretrained_base")
+    assert pre.vision.pretrained and pre.language.pretrained and pre.language.frozen
+
+
+def _scratch_config(tiny_dir: Path) -> ModelConfig:
+    """simvlm_base at tiny shapes (a resnet18 tokenizer, a 1-layer encoder and decoder)."""
+    return resolve_config(
+        simvlm_host(TinyStemPlugin()),
+        "simvlm_base",
+        [
+            'vision.stem="resnet18_stages"',
+            "vision.image_size=32",
+            "vision.width=16",
+            "vision.layers=1",
+            "vision.heads=2",
+            'language.backbone="bert"',
+            f'language.tokenizer="{tiny_dir / "bert"}"',
+            "language.vocab_size=128",
+            "language.width=32",
+            "language.layers=1",
+            "language.heads=2",
+            "language.intermediate=64",
+            "language.max_positions=64",
+            "language.type_vocab_size=2",
+            "max_text_len=24",
+        ],
+    )
+
+
+def test_simvlm_base_trains_from_scratch_and_round_trips(tiny_dir, tmp_path, monkeypatch):
+    from prismkit.core import weights
+    from prismkit.core.checkpoint import load_checkpoint, save_checkpoint
+
+    host = simvlm_host(TinyStemPlugin())
+    cfg = _scratch_config(tiny_dir)
+
+    def no_reads(source):  # nothing pretrained: no weights file is resolved
+        raise AssertionError(f"from scratch, but {source!r} was read")
+
+    monkeypatch.setattr(weights, "resolve", no_reads)
+    torch.manual_seed(0)
+    model = create_model(cfg, host)  # pretrained=True: reads what the config names, i.e. nothing
+    monkeypatch.undo()
+    assert model.parameter_counts()["frozen"] == 0
+    stem = model.vision.stem
+    before = stem.bn1.running_mean.clone()
+    processor = Processor.from_config(cfg)
+    batch = processor.encode(["a picture of"] * 4, ["a red circle", "a blue square"] * 2)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    losses = []
+    for _ in range(8):
+        loss = model(images, **batch, prefix_len=torch.full((4,), 4)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert not torch.equal(stem.bn1.running_mean, before)  # the trunk's statistics train too
+    assert all(p.grad is not None for p in stem.parameters())
+    path = tmp_path / "scratch.safetensors"
+    save_checkpoint(model, path, host)
+    loaded = load_checkpoint(path, host)
+    own = model.state_dict()
+    for k, v in loaded.state_dict().items():  # every weight and BN statistic came back
+        torch.testing.assert_close(v, own[k], rtol=0, atol=0, msg=k)
+    model.eval()
+    with torch.no_grad():
+        a = model(images, batch["input_ids"], batch["attention_mask"]).logits
+        b = loaded.eval()(images, batch["input_ids"], batch["attention_mask"]).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    t = TrainConfig(steps=2, batch_size=4, warmup=1, eval_questions=4, out_dir=str(tmp_path / "r"))
+    run = RunConfig(data=DataConfig(dataset="easyvqa_captions", fraction=0.02), train=t)
+    result = train(cfg, run, host)  # the standard loop, its evaluation through the joint decoder
+    assert result["steps"] == 2 and set(result["eval"]) >= {"bleu4", "cider"}

@@ -35,6 +35,8 @@ class DecoderCache:
     key_mask: Tensor
     # (B,) real tokens so far
     real: Tensor
+    # (B, 1, 1, Nv) bool: vision tokens the cross-attention may read (None: all)
+    cross_mask: Tensor | None = None
 
     def select(self, index: Tensor) -> DecoderCache:
         """Reorder the batch (beam search). Cross-attention keys/values shared by groups of rows
@@ -46,6 +48,7 @@ class DecoderCache:
             [None if kv is None else _select_shared(kv, index) for kv in self.cross_kv],
             self.key_mask[index],
             self.real[index],
+            None if self.cross_mask is None else self.cross_mask[index],
         )
 
 
@@ -95,11 +98,12 @@ class DecoderLayer(nn.Module):
         mask: Tensor,
         past: tuple[Tensor, Tensor] | None = None,
         cross_kv: tuple[Tensor, Tensor] | None = None,
+        cross_mask: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
         a, self_kv = self.self_attn(x, mask=mask, past=past)
         x = self.attn_norm(x + self.dropout(a))
         if self.cross_attn is not None and (vision is not None or cross_kv is not None):
-            c, cross_kv = self.cross_attn(x, kv=vision, fixed_kv=cross_kv)
+            c, cross_kv = self.cross_attn(x, kv=vision, mask=cross_mask, fixed_kv=cross_kv)
             x = self.cross_norm(x + self.dropout(c))
         if self.adaptor is not None:
             x = self.adaptor(x)  # text alone (no vision): the unimodal text model + adaptors
@@ -212,6 +216,7 @@ class TextDecoder(nn.Module):
         attention_mask: Tensor | None = None,
         cache: DecoderCache | None = None,
         prefix_len: Tensor | None = None,
+        vision_mask: Tensor | None = None,
     ) -> tuple[Tensor, DecoderCache]:
         """Hidden states ``(B, T, D)`` and the updated cache.
 
@@ -224,6 +229,8 @@ class TextDecoder(nn.Module):
             attention_mask: ``(B, T)`` 1 for tokens, 0 for padding; with ``cache``, the new
                 tokens' mask or the mask over every position so far.
             prefix_len: ``(B,)`` tokens that attend bidirectionally (prefix LM); None = causal.
+            vision_mask: ``(B, Nv)`` 1 = vision token, 0 = padding the cross-attention skips
+                (None: all real; with ``cache``, the cached one).
         """
         b, t = input_ids.shape
         if attention_mask is None:
@@ -240,23 +247,27 @@ class TextDecoder(nn.Module):
             )
         mask = self._mask(key_mask, t, prefix_len, self.word_embeddings.weight.dtype)
         x = self.embed(input_ids, positions)
+        if vision_mask is not None:
+            cross_mask = vision_mask.bool()[:, None, None, :]
+        else:
+            cross_mask = cache.cross_mask if cache is not None else None
         self_kv, cross_kv = [], []
         for i, layer in enumerate(self.layers):
             past = cache.self_kv[i] if cache is not None else None
             ckv = cache.cross_kv[i] if cache is not None else None
             if self.gradient_checkpointing and self.training:
                 x, skv, ckv = torch.utils.checkpoint.checkpoint(
-                    layer, x, vision, mask, past, ckv, use_reentrant=False
+                    layer, x, vision, mask, past, ckv, cross_mask, use_reentrant=False
                 )
             else:
-                x, skv, ckv = layer(x, vision, mask, past, ckv)
+                x, skv, ckv = layer(x, vision, mask, past, ckv, cross_mask)
             self_kv.append(skv)
             cross_kv.append(ckv)
         if self.output_layer is not None:
             past = cache.self_kv[len(self.layers)] if cache is not None else None
             x, skv, _ = self.output_layer(x, None, mask, past)
             self_kv.append(skv)
-        return x, DecoderCache(self_kv, cross_kv, key_mask, real)
+        return x, DecoderCache(self_kv, cross_kv, key_mask, real, cross_mask)
 
     @staticmethod
     def _mask(key_mask: Tensor, t: int, prefix_len: Tensor | None, dtype: torch.dtype) -> Tensor:

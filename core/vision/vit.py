@@ -99,13 +99,16 @@ class ClipViT(VisionBackbone):
             )
         return x.flatten(2).transpose(1, 2) + self.position_embedding.to(x.dtype)
 
-    def encode(self, tokens: Tensor) -> Tensor:
+    def encode(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``tokens (B, T, D)`` -> ``(B, T, D)``; ``mask (B, T)`` 1 = token, 0 = padding (hidden
+        as a key; None = every token real: the image alone)."""
         x = self.pre_layrnorm(tokens)
+        keys = None if mask is None else mask.bool()[:, None, None, :]
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, keys, use_reentrant=False)
             else:
-                x = layer(x)
+                x = layer(x, keys)
         return self.post_layernorm(x)
 
     def load_pretrained(self, source: str) -> None:
