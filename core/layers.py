@@ -178,7 +178,8 @@ class Attention(nn.Module):
         """The attention output before ``out_proj`` ``(B, Tq, D)`` and the keys/values used.
 
         ``fixed_kv`` may hold fewer rows than ``x`` when each of its rows serves ``g`` consecutive
-        rows of ``x`` (the beams of one image): ``(B / g, H, Tk, Dh)``, no mask."""
+        rows of ``x`` (the beams of one image): ``(B / g, H, Tk, Dh)``; a mask then hides keys
+        only, one row per key/value row: ``(B / g, 1, 1, Tk)``."""
         q = self.split(self.q_proj(x))
         if fixed_kv is not None:
             k, v = fixed_kv
@@ -193,9 +194,11 @@ class Attention(nn.Module):
         b, h, t, d = q.shape
         groups = b // k.shape[0]
         if groups > 1:  # shared keys/values: the g rows' queries become one row's g*t queries
-            if mask is not None or b % k.shape[0]:
+            key_mask_only = mask is None or (mask.shape[0] == k.shape[0] and mask.shape[-2] == 1)
+            if not key_mask_only or b % k.shape[0]:
                 raise ValueError(
-                    f"keys/values of {k.shape[0]} rows cannot serve {b} query rows with a mask"
+                    f"keys/values of {k.shape[0]} rows cannot serve {b} query rows"
+                    + ("" if mask is None else f" with a mask of shape {tuple(mask.shape)}")
                 )
             q = q.view(k.shape[0], groups, h, t, d).transpose(1, 2).reshape(-1, h, groups * t, d)
         p = self.dropout if self.training else 0.0

@@ -48,21 +48,22 @@ class DecoderCache:
             [None if kv is None else _select_shared(kv, index) for kv in self.cross_kv],
             self.key_mask[index],
             self.real[index],
-            None if self.cross_mask is None else self.cross_mask[index],
+            None if self.cross_mask is None else _select_shared(self.cross_mask, index),
         )
 
 
-def _select_shared(kv: tuple[Tensor, Tensor], index: Tensor) -> tuple[Tensor, Tensor]:
-    """Rows ``index`` of keys/values ``(R, H, T, Dh)`` whose row r serves query rows ``r g ..
-    r g + g - 1`` (``g = len(index) / R``)."""
-    rows = kv[0].shape[0]
+def _select_shared(t: Tensor | tuple[Tensor, Tensor], index: Tensor):
+    """Rows ``index`` of keys/values ``(R, H, T, Dh)`` (a pair) or of their key mask ``(R, 1, 1,
+    T)`` whose row r serves query rows ``r g .. r g + g - 1`` (``g = len(index) / R``)."""
+    first = t[0] if isinstance(t, tuple) else t
+    rows = first.shape[0]
     if rows == index.shape[0]:
-        return kv[0][index], kv[1][index]
+        return (t[0][index], t[1][index]) if isinstance(t, tuple) else t[index]
     group = index.shape[0] // rows
     owner = index // group
     if torch.equal(owner, torch.arange(index.shape[0], device=index.device) // group):
-        return kv
-    return kv[0][owner], kv[1][owner]
+        return t
+    return (t[0][owner], t[1][owner]) if isinstance(t, tuple) else t[owner]
 
 
 class DecoderLayer(nn.Module):
