@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prismkit.core.generation import BeamConfig, generate_beams
+
 Step = Callable[[Tensor, Any], tuple[Tensor, Any]]
 
 
@@ -65,110 +67,32 @@ def repetition_penalty(scores: Tensor, ids: Tensor, penalty: float) -> Tensor:
     return scores.scatter_(1, ids, s)
 
 
-class _Hypotheses:
-    """transformers 4.15 ``BeamHypotheses``: the ``num_beams`` best finished sequences."""
-
-    def __init__(self, num_beams: int, length_penalty: float, early_stopping: bool) -> None:
-        self.num_beams, self.length_penalty, self.early_stopping = (
-            num_beams,
-            length_penalty,
-            early_stopping,
-        )
-        self.beams: list[tuple[float, Tensor]] = []
-        self.worst_score = 1e9
-
-    def __len__(self) -> int:
-        return len(self.beams)
-
-    def add(self, hyp: Tensor, sum_logprobs: float) -> None:
-        score = sum_logprobs / (hyp.shape[-1] ** self.length_penalty)
-        if len(self) < self.num_beams or score > self.worst_score:
-            self.beams.append((score, hyp))
-            if len(self) > self.num_beams:
-                ranked = sorted((s, i) for i, (s, _) in enumerate(self.beams))
-                del self.beams[ranked[0][1]]
-                self.worst_score = ranked[1][0]
-            else:
-                self.worst_score = min(score, self.worst_score)
-
-    def is_done(self, best_sum_logprobs: float, cur_len: int) -> bool:
-        if len(self) < self.num_beams:
-            return False
-        if self.early_stopping:
-            return True
-        return self.worst_score >= best_sum_logprobs / cur_len**self.length_penalty
-
-
 @torch.no_grad()
 def beam_search(step: Step, input_ids: Tensor, cfg: GenerationConfig) -> tuple[Tensor, Tensor]:
     """``input_ids (B, P)`` prompts (no padding) -> ``(sequences (B, L), scores (B,))``: the best
     hypothesis of each row (prompt, tokens, [SEP] if it fits, then pads) and its score. The
     decoder's inputs other than the ids (image tokens) must already be repeated per beam
-    (``repeat_interleave(num_beams)``), as BLIP does."""
-    b, k = input_ids.shape[0], cfg.num_beams
-    eos, pad = cfg.eos_token_id, cfg.pad_token_id
-    ids = input_ids.repeat_interleave(k, dim=0)
-    beam_scores = torch.zeros(b, k, device=ids.device)
-    beam_scores[:, 1:] = -1e9
-    beam_scores = beam_scores.view(-1)
-    hyps = [_Hypotheses(k, cfg.length_penalty, cfg.early_stopping) for _ in range(b)]
-    done = [False] * b
-    cache = None
-    cur_len = ids.shape[1]
-    while True:
-        logits, cache = step(ids if cache is None else ids[:, -1:], cache)
-        scores = F.log_softmax(logits.float(), dim=-1)
-        scores = repetition_penalty(scores, ids, cfg.repetition_penalty)
-        if cur_len < cfg.min_length:
-            scores[:, eos] = -float("inf")
-        scores = scores + beam_scores[:, None]
-        v = scores.shape[-1]
-        top, tok = torch.topk(scores.view(b, k * v), 2 * k, dim=1, largest=True, sorted=True)
-        origin, tok = tok // v, tok % v
-        next_scores = torch.zeros(b, k, device=ids.device)
-        next_tokens = torch.zeros(b, k, dtype=torch.long, device=ids.device)
-        next_rows = torch.zeros(b, k, dtype=torch.long, device=ids.device)
-        for r in range(b):
-            if done[r]:  # finished rows carry on with padding (from row 0, as transformers)
-                next_tokens[r] = pad
-                continue
-            j = 0
-            for rank in range(2 * k):
-                t, s, row = int(tok[r, rank]), top[r, rank], r * k + int(origin[r, rank])
-                if t == eos:
-                    if rank >= k:
-                        continue
-                    hyps[r].add(ids[row].clone(), s.item())
-                else:
-                    next_scores[r, j], next_tokens[r, j], next_rows[r, j] = s, t, row
-                    j += 1
-                if j == k:
-                    break
-            done[r] = done[r] or hyps[r].is_done(top[r].max().item(), cur_len + cfg.done_len_offset)
-        beam_scores = next_scores.view(-1)
-        rows = next_rows.view(-1)
-        ids = torch.cat([ids[rows], next_tokens.view(-1, 1)], dim=1)
-        cache = cache.select(rows)
-        cur_len += 1
-        if all(done) or cur_len >= cfg.max_length:
-            break
-    for r in range(b):  # open beams become hypotheses
-        if not done[r]:
-            for j in range(k):
-                hyps[r].add(ids[r * k + j], beam_scores[r * k + j].item())
-    best, best_scores = [], torch.zeros(b)
-    for r in range(b):
-        score, hyp = sorted(hyps[r].beams, key=lambda x: x[0])[-1]
-        best.append(hyp)
-        best_scores[r] = score
-    lengths = [len(h) for h in best]
-    width = min(max(lengths) + 1, cfg.max_length)
-    out = torch.full((b, width), pad, dtype=torch.long)
-    for r, hyp in enumerate(best):
-        out[r, : lengths[r]] = hyp.cpu()
-        if lengths[r] < cfg.max_length:
-            out[r, lengths[r]] = eos
-    return out, best_scores
+    (``repeat_interleave(num_beams)``), as BLIP does. The search is the core's
+    :func:`~prismkit.core.generation.generate_beams` with transformers 4.15's stopping test."""
+    beams = BeamConfig(
+        beams=cfg.num_beams,
+        max_length=cfg.max_length,
+        min_length=cfg.min_length,
+        length_penalty=cfg.length_penalty,
+        repetition_penalty=cfg.repetition_penalty,
+        stop_offset=cfg.done_len_offset,
+        early_stopping=cfg.early_stopping,
+    )
+    out = generate_beams(
+        lambda ids, _mask, cache: step(ids, cache),
+        input_ids,
+        torch.ones_like(input_ids),
+        beams,
+        cfg.eos_token_id,
+        cfg.pad_token_id,
+        lambda cache, rows: cache.select(rows),
+    )
+    return out.sequences, out.scores
 
 
 def top_k_top_p(logits: Tensor, top_k: int, top_p: float, keep: int = 1) -> Tensor:

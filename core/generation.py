@@ -53,6 +53,8 @@ class BeamConfig:
     repetition_penalty: float = 1.0
     # stopping test offset: 1 = transformers >= 4.27 (Prismer), 0 = transformers 4.15 (BLIP)
     stop_offset: int = 1
+    # an input is done as soon as it holds ``beams`` hypotheses (transformers' early_stopping)
+    early_stopping: bool = False
     # count max_length / min_length in new tokens instead of total length
     new_tokens: bool = False
     # reuse keys/values of earlier positions (False re-runs the whole sequence every step)
@@ -81,8 +83,8 @@ class BeamOutput:
 class _Hypotheses:
     """transformers' ``BeamHypotheses``: the best ``k`` finished sequences of one input."""
 
-    def __init__(self, k: int, length_penalty: float) -> None:
-        self.k, self.length_penalty = k, length_penalty
+    def __init__(self, k: int, length_penalty: float, early_stopping: bool = False) -> None:
+        self.k, self.length_penalty, self.early_stopping = k, length_penalty, early_stopping
         self.beams: list[tuple[float, Tensor]] = []
         self.worst = 1e9
 
@@ -100,6 +102,8 @@ class _Hypotheses:
     def is_done(self, best_sum_logprobs: float, cur_len: int) -> bool:
         if len(self.beams) < self.k:
             return False
+        if self.early_stopping:
+            return True
         return self.worst >= best_sum_logprobs / cur_len**self.length_penalty
 
 
@@ -137,7 +141,7 @@ def generate_beams(
     beam_scores = torch.zeros(b, k, device=device)
     beam_scores[:, 1:] = -1e9
     beam_scores = beam_scores.view(-1)
-    hyps = [_Hypotheses(k, cfg.length_penalty) for _ in range(b)]
+    hyps = [_Hypotheses(k, cfg.length_penalty, cfg.early_stopping) for _ in range(b)]
     done = [False] * b
     logits, cache = step(ids, mask, None)
     while True:
