@@ -588,7 +588,8 @@ def test_simvlm_base_is_the_paper_layout_all_trainable():
     assert cfg.vision.stem_pretrained == "none" and cfg.head_options == {"joint_encoder": True}
     with torch.device("meta"):
         m = PrismerModel.from_config(cfg, host)
-    assert m.parameter_counts()["frozen"] == 0
+    assert m.parameter_counts() == {"trainable": 266_594_969, "frozen": 0, "total": 266_594_969}
+    assert len(m.language.layers) == 12 and m.language.output_layer is None  # the paper's 12
     assert all(isinstance(layer.adaptor, torch.nn.Identity) for layer in m.language.layers)
     assert m.vision.stem.arch == "resnet101" and m.objective.joint_encoder
     pre = resolve_config(host, "simvlm_pretrained_base")
