@@ -4,6 +4,7 @@ weights and training state), with the resolved config and plugin versions."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,13 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return {k: json.loads(v) for k, v in meta.items() if k != "format"}
 
 
+# fields of older checkpoints' configs that no longer exist, and why (the weights still load when
+# their shapes fit the current model; a mismatch is the usual named error)
+RETIRED_FIELDS = {
+    "stem_channels": "expert stems follow the reference's widths per expert kind since 0.2",
+}
+
+
 def load_checkpoint(
     path: str | Path,
     host: PluginHost | None = None,
@@ -75,6 +83,10 @@ def load_checkpoint(
 
     meta = read_metadata(path)
     data = meta["config"]
+    for old, why in RETIRED_FIELDS.items():
+        if old in data:
+            warnings.warn(f"{path}: config field {old!r} dropped ({why})", stacklevel=2)
+            del data[old]
     for item in overrides or []:
         apply_override(data, item, "--set")
     config = ModelConfig.from_dict(data, f"{path} (metadata)")

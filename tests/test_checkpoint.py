@@ -79,3 +79,24 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
         atomic_write(target, fail)
     assert target.read_text() == "old"
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_retired_config_field_of_an_older_checkpoint_is_dropped_with_a_warning(
+    host, tiny_dir, tmp_path
+):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(create_model(tiny_config(tiny_dir, "tiny_z"), host), path, host)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    config = json.loads(meta["config"])
+    config["stem_channels"] = 32  # written by prismkit 0.1
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(path)), str(old), metadata={**meta, "config": json.dumps(config)})
+    with pytest.warns(UserWarning, match="'stem_channels' dropped"):
+        model = load_checkpoint(old, host)
+    assert model.config.name == "tiny_z"
