@@ -263,7 +263,9 @@ class PrismerModel(nn.Module):
 
     # -- architecture contract ----------------------------------------------------------------
     def describe_title(self) -> str:
-        return "PrismerZ (RGB only)" if self.config.is_prismerz else "Prismer"
+        title = "PrismerZ (RGB only)" if self.config.is_prismerz else "Prismer"
+        # another objective on the same layout (SimVLM's prefix LM, mu-VLA, BLIP's frozen heads)
+        return title if self.config.head == "lm" else f"{title} layout, head {self.config.head!r}"
 
     def describe_parts(self) -> list[tuple[str, nn.Module | nn.Parameter | None]]:
         return [
