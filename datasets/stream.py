@@ -3,17 +3,12 @@ in the webdataset format, e.g. as img2dataset writes them), one source or a weig
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Any
 
-from PIL import Image
-
 from prismkit.core.data import CAPTION_PROMPT, DataError, Sample
-from prismkit.core.processor import load_image
-from prismkit.engine.stream import Source, StreamingDataset, expand_shards
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+from prismkit.core.shards import expand_shards, image_of
+from prismkit.engine.stream import Source, StreamingDataset
 
 
 def caption_of(raw: dict[str, Any], where: str) -> str:
@@ -39,21 +34,6 @@ def caption_of(raw: dict[str, Any], where: str) -> str:
     if not text.strip():
         raise DataError(f"{where}: empty caption")
     return text.strip()
-
-
-def image_of(raw: dict[str, Any], where: str):
-    """The decoded ``(3, H, W)`` image of a raw sample (the first of jpg, jpeg, png, webp)."""
-    ext = next((e for e in IMAGE_EXTS if e in raw), None)
-    if ext is None:
-        raise DataError(f"{where}: no image (.jpg, .jpeg, .png or .webp)")
-    try:
-        with Image.open(io.BytesIO(raw[ext])) as im:
-            im.load()
-            return load_image(im)
-    except Exception as e:
-        raise DataError(
-            f"{where}: image .{ext} cannot be decoded ({type(e).__name__}: {e})"
-        ) from None
 
 
 class WebDatasetStream(StreamingDataset):

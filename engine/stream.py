@@ -52,24 +52,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from prismkit.core.data import DataError, Sample
+from prismkit.core.shards import read_shard
 
 ON_ERROR = ("skip", "raise")
 # problem messages kept (and saved in the run state); beyond it only counted
 MAX_PROBLEMS_KEPT = 1000
-
-
-def expand_shards(spec: str | list[str], what: str = "shards") -> list[str]:
-    """Shard URLs from a brace pattern (``"data/{000000..000099}.tar"``, several joined with
-    ``::``) or a list of patterns; local paths, ``pipe:CMD`` and URLs are kept as given."""
-    from webdataset.shardlists import expand_urls
-
-    items = [spec] if isinstance(spec, str) else spec
-    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-        raise DataError(f"{what} must be a string pattern or a list of them, got {spec!r}")
-    urls = [u for s in items for u in expand_urls(s)]
-    if not urls:
-        raise DataError(f"{what} {spec!r} names no shard")
-    return urls
 
 
 @dataclass(frozen=True)
@@ -160,47 +147,6 @@ class StreamingDataset:
 
 
 # -- reading, in the loader workers -------------------------------------------------------------
-def _describe(exn: BaseException) -> str:
-    first = exn.args[0] if exn.args else ""
-    return f"{type(exn).__name__}: {first}" if first else type(exn).__name__
-
-
-def read_shard(url: str, problem: Callable[[str], None]) -> Iterator[dict[str, Any]]:
-    """The raw samples of one shard (webdataset's ``url_opener`` -> ``tar_file_expander`` ->
-    ``group_by_keys``). A shard that cannot be opened or is damaged is reported once through
-    ``problem``, naming the shard and the sample being read; that sample (perhaps incomplete)
-    and the rest of the shard are skipped."""
-    from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
-
-    state: dict[str, Any] = {"member": None, "broken": None}
-
-    def seen(name: str) -> str:
-        state["member"] = name
-        return name
-
-    def handler(exn: BaseException) -> bool:
-        if state["broken"] is None:
-            member = state["member"]
-            state["broken"] = base_plus_ext(member)[0] if member else ""
-            at = (
-                f"in sample {state['broken']} (member {member})"
-                if member
-                else "before its first sample"
-            )
-            problem(
-                f"shard {url}: damaged or unreadable {at} ({_describe(exn)}); that sample and the "
-                f"rest of the shard skipped"
-            )
-        return True
-
-    opened = url_opener([{"url": url}], handler=handler)
-    files = tar_file_expander(opened, handler=handler, rename_files=seen)
-    for raw in group_by_keys(files, handler=handler):
-        if state["broken"] is not None and raw["__key__"] == state["broken"]:
-            continue  # the sample the damage cut
-        yield raw
-
-
 def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
     """``(3, H, W)`` -> ``(3, size, size)`` as the map-style path's image cache does (bicubic,
     antialiased, clamped to [0, 1])."""

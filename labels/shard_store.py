@@ -5,7 +5,7 @@ Layout under ``root``::
 
     root/<expert name>/v<expert version>/<size tag>/<shard id>.safetensors
 
-``shard id`` is :func:`prismkit.engine.stream.shard_id` (the shard's folder and stem,
+``shard id`` is :func:`prismkit.core.shards.shard_id` (the shard's folder and stem,
 ``cc3m/000012.tar`` -> ``cc3m_000012``); ``size tag`` is ``native`` or ``<S>px`` as in the
 per-image :class:`~prismkit.labels.store.LabelStore`. A file holds one tensor per sample key
 (the sample's labels, batch dimension dropped, encoded as the per-image store encodes them:
@@ -33,25 +33,10 @@ import torch.nn.functional as F
 from prismkit.core.data import DataError
 from prismkit.core.expert import LabelMap
 from prismkit.core.io import atomic_write
+from prismkit.core.shards import shard_id
 from prismkit.labels.store import ExpertLike, _safe, declared_size, decode_labels, encode_labels
 
 FORMAT = "prismkit.shard-labels/1"
-
-
-def shard_id(url: str) -> str:
-    """A shard's name in the store: its folder and stem (``/data/cc3m/000012.tar`` ->
-    ``cc3m_000012``); for ``pipe:`` commands the last word that names a ``.tar``."""
-    if url.startswith("pipe:"):
-        words = [w for w in url[5:].split() if ".tar" in w]
-        url = words[-1] if words else url[5:]
-    parts = url.split("?", 1)[0].rstrip("/").replace("\\", "/").split("/")
-    stem = parts[-1]
-    for suffix in (".tar.gz", ".tgz", ".tar"):
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
-    name = f"{parts[-2]}_{stem}" if len(parts) > 1 and parts[-2] not in ("", ".", "..") else stem
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "shard"
 
 
 def _sha(a: np.ndarray) -> str:
@@ -177,9 +162,31 @@ class StreamLabels:
     def __init__(
         self, root: str | Path, experts: Sequence[ExpertLike], size: int | None = None
     ) -> None:
-        self.store = ShardLabelStore(root, size)
+        self.root, self.size = Path(root), size
         self.experts = list(experts)
         self._open: dict[tuple[str, str], ShardLabels] = {}
+        self._stores: dict[str, ShardLabelStore] = {}
+
+    def store_for(self, expert: ExpertLike, image_size: int) -> ShardLabelStore:
+        """The store of ``expert``'s labels: at ``size`` if given, else the one size the root
+        holds for its version (``native`` or ``<S>px``; with several, ``<image_size>px``, then
+        ``native``)."""
+        if expert.name not in self._stores:
+            size = self.size
+            if size is None:
+                folder = self.root / _safe(expert.name) / f"v{_safe(str(expert.version))}"
+                tags = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+                if len(tags) > 1:
+                    tags = [t for t in (f"{image_size}px", "native") if t in tags][:1] or tags
+                    if len(tags) > 1:
+                        raise DataError(
+                            f"label store {self.root}: {expert.name!r} labels at sizes {tags}: "
+                            f"label at the training size (--size {image_size}) or keep one"
+                        )
+                if tags and tags[0].endswith("px"):
+                    size = int(tags[0][:-2])
+            self._stores[expert.name] = ShardLabelStore(self.root, size)
+        return self._stores[expert.name]
 
     def batch(self, raws: list[dict[str, Any]], image_size: int) -> dict[str, LabelMap]:
         """Expert name -> ``LabelMap`` of the batch (dense ``(B, C, S, S)``, semantic
@@ -191,7 +198,7 @@ class StreamLabels:
                 url = raw["__url__"]
                 if (url, e.name) not in self._open:
                     self._open = {k: v for k, v in self._open.items() if k[0] == url}
-                    self._open[(url, e.name)] = self.store.open(url, e)
+                    self._open[(url, e.name)] = self.store_for(e, image_size).open(url, e)
                 maps.append(self._open[(url, e.name)].get(raw["__key__"]))
             values = []
             for m in maps:

@@ -20,8 +20,9 @@ from helpers import tiny_cli_sets, tiny_config
 from stream_helpers import png_bytes, write_shards
 
 from prismkit.core.data import DataError
+from prismkit.core.shards import expand_shards
 from prismkit.datasets.stream import WebDatasetStream
-from prismkit.engine.stream import StreamFeed, _SlotStream, expand_shards
+from prismkit.engine.stream import StreamFeed, _SlotStream
 from prismkit.engine.train import RunConfig, train
 
 
