@@ -71,15 +71,13 @@ def read_shard(url: str, problem: Callable[[str], None]) -> Iterator[dict[str, A
         if state["broken"] is None:
             member = state["member"]
             state["broken"] = base_plus_ext(member)[0] if member else ""
-            at = (
-                f"in sample {state['broken']} (member {member})"
-                if member
-                else "before its first sample"
-            )
-            problem(
-                f"shard {url}: damaged or unreadable {at} ({_describe(exn)}); that sample and the "
-                f"rest of the shard skipped"
-            )
+            if member:
+                problem(
+                    f"shard {url}: damaged or unreadable in sample {state['broken']} (member "
+                    f"{member}) ({_describe(exn)}); that sample and the rest of the shard skipped"
+                )
+            else:
+                problem(f"shard {url}: cannot be opened or read ({_describe(exn)}); skipped")
         return True
 
     opened = url_opener([{"url": url}], handler=handler)

@@ -188,7 +188,7 @@ def test_bad_shards_are_named_counted_and_skipped(tmp_path):
     f2 = _feed(missing, workers=0)
     with pytest.raises(DataError, match="epoch 0 of .* gave no sample to any process"):
         f2.next(0)
-    assert "nope.tar: damaged or unreadable before its first sample" in f2.problems[0]
+    assert "nope.tar: cannot be opened or read" in f2.problems[0]
 
 
 def test_bad_data_raise_policy_stops_and_keeps_the_work(host, tiny_dir, tmp_path):
