@@ -331,3 +331,22 @@ def test_torchrun_two_processes_two_workers_once_per_epoch_and_kill_resume(tiny_
     by_epoch = _keys_by_epoch(cut)
     assert sorted(by_epoch[0]) == sorted(keys)  # union of both parts: one epoch, no duplicate
     assert _lines(cut) == _lines(full)  # the same order as the uninterrupted run
+
+
+def test_the_readme_run_config_builds(host):
+    """The README's pre-training run config parses and builds its three weighted sources."""
+    import re
+    import tomllib
+
+    from prismkit.core.data import build_dataset
+    from prismkit.engine.train import RunConfig
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if "pretrain_mix" in b]
+    run = RunConfig.from_dict(tomllib.loads(block))
+    data = build_dataset(host.datasets, run.data.dataset, "train", **run.data.options)
+    assert [(s.name, len(s.shards), s.weight) for s in data.sources] == [
+        ("cc3m", 332, 1.0), ("coco", 60, 2.0), ("vg", 108, 0.5)
+    ]  # fmt: skip
+    assert data.sources[2].shards[0] == "pipe:curl -s -L https://host/vg/000000.tar"
+    assert run.data.workers == 8 and data.shuffle_buffer == 5000
