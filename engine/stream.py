@@ -343,7 +343,7 @@ class StreamFeed:
             "consumed": {str(k): v for k, v in sorted(self.consumed.items())},
             "next_slot": self.next_slot,
             "sources": dict(self.source_counts),
-            "problems": self.problems,
+            "problems": list(self.problems),
             "problem_count": self.problem_count,
         }
 
@@ -402,6 +402,7 @@ class StreamFeed:
                 num_workers=self.workers,
                 collate_fn=_identity,
                 prefetch_factor=2,
+                worker_init_fn=_ignore_stop_signals,
             )
         )
 
@@ -485,6 +486,15 @@ def _take(items: list[str]) -> list[str]:
     out = list(items)
     items.clear()
     return out
+
+
+def _ignore_stop_signals(worker: int) -> None:
+    """Loader workers leave Ctrl-C and SIGTERM to the training process, which finishes its step,
+    saves and stops them (a terminal's Ctrl-C reaches the whole process group)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _identity(x: Any) -> Any:

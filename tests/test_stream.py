@@ -350,3 +350,56 @@ def test_the_readme_run_config_builds(host):
     ]  # fmt: skip
     assert data.sources[2].shards[0] == "pipe:curl -s -L https://host/vg/000000.tar"
     assert run.data.workers == 8 and data.shuffle_buffer == 5000
+
+
+def test_bench_corpus_generator(tmp_path):
+    """bench/stream_memory.py's synthetic corpus: n samples in ceil(n / per_shard) shards, read
+    back by the stream; kept (not rewritten) when complete."""
+    from prismkit.bench.stream_memory import make_corpus
+
+    pattern = make_corpus(tmp_path, 25, per_shard=10, px=32)
+    assert pattern.endswith("{000000..000002}.tar")
+    first = (tmp_path / "25" / "000000.tar").stat().st_mtime_ns
+    assert make_corpus(tmp_path, 25, per_shard=10, px=32) == pattern
+    assert (tmp_path / "25" / "000000.tar").stat().st_mtime_ns == first
+    keys = _slot_keys(WebDatasetStream(shards=pattern, shuffle_buffer=0), 0, 0, 1, 0)
+    assert sorted(keys) == [f"{i:09d}" for i in range(25)]
+
+
+def test_ctrl_c_to_the_process_group_saves_and_resumes(tiny_dir, tmp_path):
+    """A terminal's Ctrl-C reaches the loader workers too: they leave it to the training
+    process, which finishes its step (6 micro-batches: more than the workers had prefetched),
+    saves and exits 130; --resume continues the epoch."""
+    keys = write_shards(tmp_path / "sh", 4, 30)
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "prismkit.core.cli", "train", "tiny", *tiny_cli_sets(tiny_dir),
+        "--set", 'data.dataset="webdataset_stream"',
+        "--set", f'data.options={{shards="{tmp_path}/sh/s-{{000000..000003}}.tar", shuffle_buffer=8}}',
+        "--set", "data.workers=2", "--set", "data.record_keys=true",
+        "--steps", "8", "--batch-size", "4", "--grad-accum", "6", "--eval-questions", "0",
+        "--out-dir", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    log = out / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGINT)  # the whole group, as a terminal does
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err.decode()[-2000:]
+    assert "Traceback" not in err.decode()
+    assert err.decode().count("SIGINT: stopping") == 1  # the training process's, not workers'
+
+    result = json.loads((out / "result.json").read_text())
+    assert result["interrupted"] == "SIGINT" and result["steps"] < 8
+    proc = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(x) for x in (out / "keys" / "rank0.jsonl").read_text().splitlines()]
+    epoch0 = [k for x in lines if x["epoch"] == 0 for k in x["keys"]]
+    assert sorted(epoch0) == sorted(keys)
