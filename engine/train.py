@@ -644,6 +644,12 @@ def train(
                 "lr": opt.param_groups[0]["lr"],
                 "seconds": round(time.time() - t_train, 2),
             }
+            logged = step % cfg.log_every == 0 or step == cfg.steps - 1
+            if feed is not None and logged:  # samples per source (all processes), bad skipped
+                totals = stream_totals()
+                record["epoch"] = feed.epoch
+                record["samples_per_source"] = {k: v for k, v in totals.items() if k != "bad"}
+                record["bad_samples"] = totals["bad"]
             log.append(record)
             if log_file is not None:
                 log_file.write(json.dumps(record) + "\n")
@@ -653,16 +659,15 @@ def train(
                 writer.add_scalar("train/lr", record["lr"], step)
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
-            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            if logged:
                 say(
                     f"step {step:5d}  loss {mean_loss:.4f}  lr {record['lr']:.2e}  {time.time() - t_train:.0f}s"
                 )
-                if feed is not None:  # per-source counts (all processes), bad samples skipped
-                    totals = stream_totals()
+                if "samples_per_source" in record:
                     say(
-                        f"  data (epoch {feed.epoch}): "
-                        + ", ".join(f"{k} {v}" for k, v in totals.items() if k != "bad")
-                        + f" samples; {totals['bad']} bad samples/shards skipped"
+                        f"  data (epoch {record['epoch']}): "
+                        + ", ".join(f"{k} {v}" for k, v in record["samples_per_source"].items())
+                        + f" samples; {record['bad_samples']} bad samples/shards skipped"
                     )
             step += 1
             asked = stop.signal is not None

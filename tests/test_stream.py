@@ -242,6 +242,9 @@ def test_training_streams_one_process(host, tiny_dir, tmp_path):
     lines = [json.loads(x) for x in (out / "keys" / "rank0.jsonl").read_text().splitlines()]
     epoch0 = [k for x in lines if x["epoch"] == 0 for k in x["keys"]]
     assert len(epoch0) == len(set(epoch0)) == 18
+    logged = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert logged[0]["samples_per_source"] == {"shards": 4} and logged[0]["bad_samples"] == 0
+    assert logged[-1]["samples_per_source"] == {"shards": 22} and logged[-1]["epoch"] == 1
     bad = RunConfig.from_dict(
         {
             **json.loads(
