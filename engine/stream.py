@@ -27,8 +27,11 @@ One epoch, whatever the number of machines, processes and loader workers:
 Resume (``--resume``) continues with the same sample order: the state holds, per process, the
 epoch, how many samples of each slot were consumed and which slot is next. A resumed slot
 replays its epoch's raw stream (read, shuffled, not decoded) up to that count, so the shuffle
-buffer is rebuilt exactly; the cost is reading that part of the slot's shards again. Resuming
-mid-epoch needs the same number of processes and workers (an error says so otherwise).
+buffer is rebuilt exactly; the cost is reading that part of the slot's shards again. Resumed
+with another number of processes, workers or batch size, the epoch in progress ends in *remap*
+mode: old slot ``i`` (of ``old world x old workers``) is replayed past its count and finished
+by new slot ``i mod (world x workers)``, so each remaining sample is read exactly once (not in
+the interrupted run's order); the next epoch uses the new layout.
 
 Bad data (policy ``on_error``): ``"skip"`` (the default) skips a sample whose image cannot be
 decoded or whose caption is missing or empty, and the rest of a shard that is truncated or cannot
@@ -190,13 +193,67 @@ class _SlotStream(IterableDataset):
         skip: dict[int, int],
         offset: int,
         labels: Any = None,
+        remap: dict[str, Any] | None = None,
     ) -> None:
         self.data, self.epoch, self.rank, self.world = data, epoch, rank, world
         self.workers, self.batch_size, self.image_size = max(1, workers), batch_size, image_size
-        self.skip, self.offset, self.labels = skip, offset, labels
+        self.skip, self.offset, self.labels, self.remap = skip, offset, labels, remap
 
-    def slot_shards(self, slot: int) -> list[tuple[int, str]]:
-        return self.data.epoch_shards(self.epoch)[self.rank :: self.world][slot :: self.workers]
+    def slot_shards(
+        self,
+        slot: int,
+        rank: int | None = None,
+        world: int | None = None,
+        workers: int | None = None,
+    ) -> list[tuple[int, str]]:
+        """The epoch's shards of ``slot`` of process ``rank`` (default: this layout's)."""
+        rank = self.rank if rank is None else rank
+        world = self.world if world is None else world
+        workers = self.workers if workers is None else workers
+        return self.data.epoch_shards(self.epoch)[rank::world][slot::workers]
+
+    def raw_slot(
+        self, slot: int, report: list[Callable[[str], None]], rank: int, world: int, workers: int
+    ) -> Iterator[dict[str, Any]]:
+        """The raw samples of one slot in reading order: its shards through the shuffle buffer
+        seeded by ``(seed, epoch, rank, slot)``. Problems go to ``report[0]`` (switchable)."""
+
+        def chained() -> Iterator[dict[str, Any]]:
+            for src, url in self.slot_shards(slot, rank, world, workers):
+                for raw in read_shard(url, lambda m: report[0](m)):
+                    raw["__source__"] = src
+                    yield raw
+
+        stream: Iterator[dict[str, Any]] = chained()
+        if self.data.shuffle_buffer > 1:
+            from webdataset.filters import _shuffle
+
+            rng = np.random.default_rng([self.data.seed, self.epoch, rank, slot, 2])
+            stream = _shuffle(
+                stream,
+                bufsize=self.data.shuffle_buffer,
+                initial=self.data.shuffle_buffer,
+                seed=int(rng.integers(2**62)),
+            )
+        return stream
+
+    def remapped(self, slot: int, problems: list[str]) -> Iterator[dict[str, Any]]:
+        """Resumed with another layout mid-epoch: this slot reads what remains of the old slots
+        ``i`` with ``i % (world x workers) == its global index`` (each old slot replayed past
+        what it had consumed), so every remaining sample of the epoch is read exactly once."""
+        assert self.remap is not None
+        old_world, old_workers = self.remap["world"], self.remap["workers"]
+        mine = self.rank * self.workers + slot
+        for i, (r, s) in enumerate((r, s) for r in range(old_world) for s in range(old_workers)):
+            if i % (self.world * self.workers) != mine:
+                continue
+            report: list[Callable[[str], None]] = [lambda m: None]  # replayed part: reported
+            stream = self.raw_slot(s, report, r, old_world, old_workers)
+            for _ in range(int(self.remap["consumed"].get(f"{r}/{s}", 0))):
+                if next(stream, None) is None:
+                    break
+            report[0] = problems.append
+            yield from stream
 
     def __iter__(self) -> Iterator[StreamBatch]:
         info = get_worker_info()
@@ -208,34 +265,17 @@ class _SlotStream(IterableDataset):
 
     def read_slot(self, slot: int) -> Iterator[StreamBatch]:
         problems: list[str] = []
-        shards = self.slot_shards(slot)
-
-        def raw_stream() -> Iterator[dict[str, Any]]:
-            for src, url in shards:
-                for raw in read_shard(url, problems.append):
-                    raw["__source__"] = src
-                    yield raw
-
-        stream: Iterator[dict[str, Any]] = raw_stream()
-        if self.data.shuffle_buffer > 1:
-            from webdataset.filters import _shuffle
-
-            seed = int(
-                np.random.default_rng([self.data.seed, self.epoch, self.rank, slot, 2]).integers(
-                    2**62
-                )
-            )
-            stream = _shuffle(
-                stream,
-                bufsize=self.data.shuffle_buffer,
-                initial=self.data.shuffle_buffer,
-                seed=seed,
-            )
+        report: list[Callable[[str], None]] = [lambda m: None]  # the replayed part: reported
+        if self.remap is None:
+            stream = self.raw_slot(slot, report, self.rank, self.world, self.workers)
+        else:
+            stream = self.remapped(slot, problems)
         pos = 0
         for _ in range(self.skip.get(slot, 0)):  # resume: replay without decoding
             if next(stream, None) is None:
                 break
             pos += 1
+        report[0] = problems.append
         problems.clear()  # reported before the interruption
         batch: list[Sample] = []
         pixels: list[torch.Tensor] = []
@@ -322,6 +362,8 @@ class StreamFeed:
         self.epoch = 0
         self.consumed: dict[int, int] = {}  # slot -> samples consumed this epoch
         self.next_slot = 0
+        # resumed with another layout: the old layout's positions in the epoch in progress
+        self.remap: dict[str, Any] | None = None
         self.source_counts: Counter[str] = Counter()
         self.problems: list[str] = []
         self.problem_count = 0
@@ -342,42 +384,69 @@ class StreamFeed:
             "epoch": self.epoch,
             "consumed": {str(k): v for k, v in sorted(self.consumed.items())},
             "next_slot": self.next_slot,
+            "remap": self.remap,
             "sources": dict(self.source_counts),
             "problems": list(self.problems),
             "problem_count": self.problem_count,
         }
 
     def restore(self, states: list[dict[str, Any]], step: int | None = None) -> None:
-        """Continue where the saved run stopped (``states``: every process's :meth:`state`)."""
+        """Continue where the saved run stopped (``states``: every process's :meth:`state`).
+
+        With the same processes, workers and batch size the sample order is the uninterrupted
+        run's. With another layout the epoch in progress finishes in *remap* mode: each old
+        slot's remainder is read by one new slot (:meth:`_SlotStream.remapped`), so every
+        remaining sample is read exactly once, in another order; later epochs use the new
+        layout."""
         mine = next((s for s in states if s["rank"] == self.rank), None)
-        same = mine is not None and (mine["world"], mine["workers"], mine["batch_size"]) == (
-            self.world,
-            self.workers,
-            self.batch_size,
-        )
-        if not same:
-            was = states[0] if states else {}
-            raise ValueError(
-                f"--resume: the run streamed with {was.get('world')} process(es) x "
-                f"{was.get('workers')} loader worker(s), batch {was.get('batch_size')}; this one "
-                f"has {self.world} x {self.workers}, batch {self.batch_size}: resume with the "
-                f"same (data.workers, --batch-size, the launcher's process count)"
-            )
-        self.epoch = int(mine["epoch"])
-        self.consumed = {int(k): int(v) for k, v in mine["consumed"].items()}
-        self.next_slot = int(mine["next_slot"])
-        self.source_counts = Counter(mine.get("sources", {}))
-        self.problems = list(mine.get("problems", []))
-        self.problem_count = int(mine.get("problem_count", 0))
+        layout = (self.world, self.workers, self.batch_size)
+        if mine is not None and (mine["world"], mine["workers"], mine["batch_size"]) == layout:
+            self.epoch = int(mine["epoch"])
+            self.consumed = {int(k): int(v) for k, v in mine["consumed"].items()}
+            self.next_slot = int(mine["next_slot"])
+            self.remap = mine.get("remap")
+            self.source_counts = Counter(mine.get("sources", {}))
+            self.problems = list(mine.get("problems", []))
+            self.problem_count = int(mine.get("problem_count", 0))
+        else:
+            was = states[0]
+            if any(st.get("remap") for st in states):
+                raise ValueError(
+                    f"--resume: the saved run was itself resumed with another layout in epoch "
+                    f"{was['epoch']}; resume it with its layout ({was['world']} process(es) x "
+                    f"{was['workers']} worker(s), batch {was['batch_size']}) until that epoch ends"
+                )
+            self.epoch = int(was["epoch"])
+            self.consumed, self.next_slot = {}, 0
+            self.remap = {
+                "world": int(was["world"]),
+                "workers": max(1, int(was["workers"])),
+                "consumed": {
+                    f"{st['rank']}/{k}": int(v) for st in states for k, v in st["consumed"].items()
+                },
+            }
+            self.source_counts, self.problems, self.problem_count = Counter(), [], 0
+            if self.rank == 0:  # the totals are summed over processes: keep them once
+                for st in states:
+                    self.source_counts.update(st.get("sources", {}))
+                    self.problems += st.get("problems", [])
+                    self.problem_count += int(st.get("problem_count", 0))
+                self.problems = self.problems[:MAX_PROBLEMS_KEPT]
         self._iter, self._done = None, False
-        self._fed_this_epoch = bool(self.consumed)
-        if self.key_log is not None and step is not None and self.key_log.exists():
-            kept = [
-                line
-                for line in self.key_log.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] < step
-            ]
-            self.key_log.write_text("".join(line + "\n" for line in kept))
+        self._fed_this_epoch = True
+        if self.key_log is not None and step is not None:
+            logs = [self.key_log]
+            if self.rank == 0:  # and those of processes the new layout does not have
+                logs += [self.key_log.with_name(f"rank{st['rank']}.jsonl") for st in states]
+                logs = [p for p in logs if p == self.key_log or int(p.stem[4:]) >= self.world]
+            for path in dict.fromkeys(logs):
+                if path.exists():
+                    kept = [
+                        line
+                        for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line)["step"] < step
+                    ]
+                    path.write_text("".join(line + "\n" for line in kept))
 
     # reading ----------------------------------------------------------------------------------
     def _loader(self) -> Iterator[StreamBatch]:
@@ -392,6 +461,7 @@ class StreamFeed:
             dict(self.consumed),
             self.next_slot,
             self.labels,
+            self.remap,
         )
         if self.workers == 0:
             return iter(ds)
@@ -453,6 +523,7 @@ class StreamFeed:
                     )
                 self.epoch += 1
                 self.consumed, self.next_slot, self._done, self._iter = {}, 0, False, None
+                self.remap = None
                 self._fed_this_epoch = False
                 continue
             self._fed_this_epoch = True

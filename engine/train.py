@@ -529,6 +529,13 @@ def train(
                     f"--resume: {state_dir} was saved by a map-style run; this reader streams"
                 )
             feed.restore(saved, step)
+            if feed.remap is not None:
+                acc.print(
+                    f"resumed with another layout ({saved[0]['world']} x {saved[0]['workers']} "
+                    f"-> {acc.num_processes} process(es) x {dcfg.workers} worker(s), batch "
+                    f"{saved[0]['batch_size']} -> {cfg.batch_size}): the rest of epoch "
+                    f"{feed.epoch} is read once, in another order than the interrupted run's"
+                )
         acc.print(f"resumed from {state_dir} at step {step}")
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)

@@ -105,9 +105,63 @@ def test_resume_continues_the_same_order(tmp_path):
         b = _feed(data)
         b.restore([state])
         assert head + [b.next(i).keys for i in range(k, 24)] == want, k
-    c = _feed(data, workers=3)
-    with pytest.raises(ValueError, match="same"):
-        c.restore([state])
+
+
+def _rest_of_epoch(feed) -> list[str]:
+    seen = []
+    while True:
+        fed = feed.next(0)
+        if feed.epoch > 0:
+            return seen
+        seen += fed.keys
+
+
+def test_resume_with_another_layout_reads_each_remaining_sample_once(tmp_path):
+    """Resumed mid-epoch with other process / worker counts or batch size, the epoch in
+    progress ends in remap mode (each old slot's remainder read by one new slot): consumed +
+    remaining = every key once; the next epoch uses the new layout."""
+    keys = write_shards(tmp_path, 6, 9)
+    data = WebDatasetStream(shards=str(tmp_path / "s-{000000..000005}.tar"), shuffle_buffer=5)
+    # a 2-process x 2-worker run that consumed some samples of each slot (saved states)
+    consumed, states = [], []
+    for rank in (0, 1):
+        ds = _SlotStream(data, 0, rank, 2, 2, 4, 8, {}, 0)
+        taken = {}
+        for slot, c in ((0, 7), (1, 3)):
+            got = [k for b in ds.read_slot(slot) for k in (s.image_id for s in b.samples)]
+            consumed += got[:c]
+            taken[str(slot)] = c
+        states.append(
+            {"rank": rank, "world": 2, "workers": 2, "batch_size": 4, "epoch": 0,
+             "consumed": taken, "next_slot": 0, "sources": {"shards": 10}, "problem_count": 0}
+        )  # fmt: skip
+    # one process, three workers, batch 3
+    feed = _feed(data, workers=3, batch=3)
+    feed.restore(json.loads(json.dumps(states)))
+    assert feed.remap is not None and feed.counts() == {"shards": 20}
+    rest = _rest_of_epoch(feed)
+    assert sorted(consumed + rest) == sorted(keys)
+    assert feed.remap is None  # epoch 1: the new layout
+    # three processes x two workers (read slot by slot)
+    remap = {"world": 2, "workers": 2, "consumed": {f"{st['rank']}/{k}": v for st in states for k, v in st["consumed"].items()}}  # fmt: skip
+    rest = [
+        s.image_id
+        for r in range(3)
+        for slot in range(2)
+        for b in _SlotStream(data, 0, r, 3, 2, 4, 8, {}, 0, remap=remap).read_slot(slot)
+        for s in b.samples
+    ]
+    assert sorted(consumed + rest) == sorted(keys)
+    # resumed again in the new layout before the remapped epoch ends: still exact
+    a = _feed(data, workers=3, batch=3)
+    a.restore(states)
+    head = [a.next(0).keys for _ in range(4)]
+    b = _feed(data, workers=3, batch=3)
+    b.restore([json.loads(json.dumps(a.state()))])
+    assert sorted(consumed + [k for h in head for k in h] + _rest_of_epoch(b)) == sorted(keys)
+    c = _feed(data, workers=1, batch=3)
+    with pytest.raises(ValueError, match="itself resumed with another layout"):
+        c.restore([a.state()])
 
 
 def test_weighted_sources_and_counts(tmp_path):
@@ -276,7 +330,8 @@ def test_torchrun_two_processes_two_workers_once_per_epoch_and_kill_resume(tiny_
     """2 processes (torchrun, gloo) x 2 loader workers over 300 samples in 5 shards (uneven: 3
     shards on one process, 2 on the other): every key exactly once in epoch 0; killed (SIGKILL)
     after a few steps and resumed, the union of keys over both parts is one full epoch without
-    duplicates, and the keys of every step are those of an uninterrupted run."""
+    duplicates, and the keys of every step are those of an uninterrupted run. Killed and resumed
+    by one process with 3 workers instead: the union is still one epoch, each key once."""
     keys = write_shards(tmp_path / "sh", 5, 60)
     shards = str(tmp_path / "sh" / "s-{000000..000004}.tar")
 
@@ -302,30 +357,7 @@ def test_torchrun_two_processes_two_workers_once_per_epoch_and_kill_resume(tiny_
     assert result["ranks_in_sync"] is True and result["stream"]["bad"] == 0
 
     cut = tmp_path / "cut"
-    p = subprocess.Popen(
-        cmd(cut), env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    deadline = time.time() + 300
-    log0 = cut / "keys" / "rank0.jsonl"
-    while time.time() < deadline and p.poll() is None:
-        if log0.exists() and any(
-            json.loads(x)["step"] >= 12 for x in log0.read_text().splitlines()
-        ):
-            break
-        time.sleep(0.05)
-    assert p.poll() is None, "the run ended before it could be killed"
-    import psutil
-
-    family = [p.pid] + [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
-    for pid in family:  # torchrun starts its workers in their own sessions: kill each, by id
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    p.wait()
-    for pid in family[1:]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            psutil.Process(pid).wait(timeout=30)
-    saved = json.loads((cut / "last" / "state.json").read_text())["step"]
-    assert 5 <= saved < 50
+    saved = _kill_after(cmd(cut), cut, 12, env)
     proc = subprocess.run(
         cmd(cut, "--resume"), capture_output=True, text=True, env=env, timeout=600
     )
@@ -334,6 +366,46 @@ def test_torchrun_two_processes_two_workers_once_per_epoch_and_kill_resume(tiny_
     by_epoch = _keys_by_epoch(cut)
     assert sorted(by_epoch[0]) == sorted(keys)  # union of both parts: one epoch, no duplicate
     assert _lines(cut) == _lines(full)  # the same order as the uninterrupted run
+
+    # killed again, resumed by ONE process with 3 workers: the rest of epoch 0 is read once
+    other = tmp_path / "other"
+    saved = _kill_after(cmd(other), other, 12, env)
+    one = cmd(other, "--resume", "--set", "data.workers=3")
+    one = [sys.executable, *one[one.index("-m", 2) :]]  # no torchrun: one process
+    one[one.index("--steps") + 1] = "80"  # one process needs more steps for the epoch's rest
+    proc = subprocess.run(one, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed with another layout (2 x 2 -> 1 process(es) x 3 worker(s)" in proc.stdout
+    by_epoch = _keys_by_epoch(other)
+    assert sorted(by_epoch[0]) == sorted(keys)
+
+
+def _kill_after(cmd: list[str], out: Path, step: int, env: dict) -> int:
+    """Start ``cmd``, SIGKILL it (torchrun and every worker, by id) once rank 0 logged keys of
+    ``step``; returns the step of the state it had saved."""
+    import psutil
+
+    p = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.time() + 300
+    log0 = out / "keys" / "rank0.jsonl"
+    while time.time() < deadline and p.poll() is None:
+        if log0.exists() and any(
+            json.loads(x)["step"] >= step for x in log0.read_text().splitlines() if x.strip()
+        ):
+            break
+        time.sleep(0.05)
+    assert p.poll() is None, "the run ended before it could be killed"
+    family = [p.pid] + [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
+    for pid in family:  # torchrun starts its workers in their own sessions: kill each, by id
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    p.wait()
+    for pid in family[1:]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).wait(timeout=30)
+    saved = json.loads((out / "last" / "state.json").read_text())["step"]
+    assert 5 <= saved <= step
+    return saved
 
 
 def test_the_readme_run_config_builds(host):
