@@ -501,7 +501,9 @@ def train(
     if cfg.init_from and not resume:
         load_weights(model, cfg.init_from)
     steps_per_epoch = max(
-        1, len(valid) // (cfg.batch_size * cfg.grad_accum * max(1, acc.num_processes))
+        1,
+        (0 if streaming else len(data))
+        // (cfg.batch_size * cfg.grad_accum * max(1, acc.num_processes)),
     )
     if cfg.epochs > 0:
         cfg.steps = cfg.epochs * steps_per_epoch
