@@ -185,7 +185,7 @@ def train_run(
 
 
 def loader_throughput(
-    pattern: str, labels: Path, image_size: int, batch: int, workers: int, limit: int
+    pattern: str, labels: Path | None, image_size: int, batch: int, workers: int, limit: int
 ) -> dict[str, Any]:
     """Samples per second through ``StreamFeed`` (decode, resize, labels) without a model."""
     import torch
@@ -200,7 +200,7 @@ def loader_throughput(
     data = WebDatasetStream(shards=pattern, shuffle_buffer=1000)
     feed = StreamFeed(
         data, rank=0, world=1, workers=workers, batch_size=batch, image_size=image_size,
-        reduce_sum=lambda t: t, labels=StreamLabels(labels, [edge]),
+        reduce_sum=lambda t: t, labels=StreamLabels(labels, [edge]) if labels else None,
     )  # fmt: skip
     fed = feed.next(0)  # start-up (worker fork, shuffle buffer fill) not counted
     n, t0 = 0, time.perf_counter()
@@ -208,7 +208,7 @@ def loader_throughput(
         fed = feed.next(0)
         n += len(fed.keys)
     seconds = time.perf_counter() - t0
-    assert fed.labels is not None and fed.pixels.shape[-1] == image_size
+    assert (fed.labels is not None) == (labels is not None) and fed.pixels.shape[-1] == image_size
     return {
         "workers": workers,
         "samples": n,
@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-memory-max", type=int, default=1000, help="largest corpus for it")
     p.add_argument("--throughput-samples", type=int, default=2000)
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--no-labels", action="store_true", help="throughput without streamed labels")
     p.add_argument("--out", type=Path, default=HERE / "results-stream-cpu.json")
     args = p.parse_args(argv)
     from prismkit.core.processor import load_image  # noqa: F401 - fail early if not installed
@@ -269,13 +270,14 @@ def main(argv: list[str] | None = None) -> int:
                 out["memory"].append(r)
                 print(json.dumps({k: v for k, v in r.items() if k != "stream"}), flush=True)
     n = max([s for s in args.sizes if s <= 10000] or [min(args.sizes)])
-    labels = args.root / f"labels-{n}"
-    subprocess.run(
-        [sys.executable, "-m", "prismkit.core.cli", "experts", "run", "--shards", patterns[n],
-         "--store", str(labels), "--experts", "edge", "--device", "cpu", "--size", "224",
-         "--workers", str(args.workers), "--batch-size", "32"],
-        check=True, stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+    labels = None if args.no_labels else args.root / f"labels-{n}"
+    if labels is not None:
+        subprocess.run(
+            [sys.executable, "-m", "prismkit.core.cli", "experts", "run", "--shards", patterns[n],
+             "--store", str(labels), "--experts", "edge", "--device", "cpu", "--size", "224",
+             "--workers", str(args.workers), "--batch-size", "32"],
+            check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
     rows = [
         loader_throughput(patterns[n], labels, 224, 32, w, args.throughput_samples)
         for w in range(args.workers + 1)
@@ -285,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         "corpus": n,
         "image_size": 224,
         "batch": 32,
-        "labels": "edge expert, 224 px, from a shard label store",
+        "labels": "none" if labels is None else "edge expert, 224 px, from a shard label store",
         "loader": rows,
         "base_step": [
             {k: r[k] for k in ("config", "batch", "step_s", "samples_per_s")} for r in base

@@ -42,11 +42,13 @@ from prismkit.labels.shard_store import ShardLabelStore
 
 
 class _MemoryStore:
-    """One shard's labels while they are computed (what ``_Runner`` reads and writes)."""
+    """One shard's labels while they are computed (what ``_Runner`` reads and writes), kept
+    encoded as the file will hold them (dense float16, semantic uint16): a shard's labels take
+    what its file will take."""
 
     def __init__(self, size: int | None) -> None:
         self.size = size
-        self.maps: dict[tuple[str, str], LabelMap] = {}
+        self.maps: dict[tuple[str, str], tuple[dict, list[str] | None]] = {}
 
     def path_for(self, key: str, expert: type[Expert] | Expert) -> Path:
         return Path(f"<shard>/{expert.name}/{key}")
@@ -55,12 +57,18 @@ class _MemoryStore:
         return (key, expert.name) in self.maps
 
     def get_key(self, key: str, expert: type[Expert] | Expert) -> LabelMap:
-        return self.maps[(key, expert.name)]
+        from prismkit.labels.store import decode_labels
+
+        return decode_labels(*self.maps[(key, expert.name)])
+
+    def put(self, key: str, expert: type[Expert] | Expert, labels: LabelMap) -> None:
+        """Labels read from an earlier file (decoded), kept encoded."""
+        from prismkit.labels.store import encode_labels
+
+        self.maps[(key, expert.name)] = encode_labels(labels, expert.kind)
 
     def put_key(self, key: str, expert: type[Expert] | Expert, labels: LabelMap) -> Path:
-        from prismkit.labels.store import roundtrip
-
-        self.maps[(key, expert.name)] = roundtrip(labels, expert.kind)  # as the file will hold
+        self.put(key, expert, labels)
         return self.path_for(key, expert)
 
 
@@ -99,7 +107,7 @@ class _ShardRunner(_Runner):
             keys.append(key)
             for n, f in files.items():  # requirements stored earlier: read, not recomputed
                 try:
-                    mem.maps[(key, n)] = f.get(key)
+                    mem.put(key, self.experts[n], f.get(key))
                 except DataError as e:
                     problem(str(e))
             item = _Item(Path(f"{url}#{key}"), key, image, todo=set(todo))
@@ -111,8 +119,7 @@ class _ShardRunner(_Runner):
             self.process(bucket)
         for n in todo:
             e = self.experts[n]
-            labels = {k: mem.maps[(k, n)] for k in keys if (k, n) in mem.maps}
-            store.write(url, e, labels)
+            store.write_encoded(url, e, {k: mem.maps[(k, n)] for k in keys if (k, n) in mem.maps})
         self.report.computed = files_before + len(todo)  # files, not (image, expert) pairs
 
 

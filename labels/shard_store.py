@@ -75,14 +75,17 @@ class ShardLabelStore:
 
     def write(self, url: str, expert: ExpertLike, labels: dict[str, LabelMap]) -> Path:
         """Store every sample's labels (key -> ``LabelMap`` of batch 1) of shard ``url`` at once."""
+        return self.write_encoded(
+            url, expert, {k: encode_labels(v, expert.kind) for k, v in labels.items()}
+        )
+
+    def write_encoded(
+        self, url: str, expert: ExpertLike, encoded: dict[str, tuple[dict, list[str] | None]]
+    ) -> Path:
+        """:meth:`write` of labels already encoded (``encode_labels``: arrays and names)."""
         from safetensors.numpy import save_file
 
-        arrays, names, sums = {}, {}, {}
-        for key, out in labels.items():
-            enc, n = encode_labels(out, expert.kind)
-            arrays[key] = enc["values"]
-            names[key] = n
-            sums[key] = _sha(enc["values"])
+        arrays = {k: arrs["values"] for k, (arrs, _) in encoded.items()}
         meta = {
             "format": FORMAT,
             "expert": expert.name,
@@ -90,8 +93,8 @@ class ShardLabelStore:
             "kind": expert.kind,
             "size": self.size_tag,
             "shard": url,
-            "names": names,
-            "values_sha256": sums,
+            "names": {k: names for k, (_, names) in encoded.items()},
+            "values_sha256": {k: _sha(a) for k, a in arrays.items()},
         }
         target = self.path(url, expert)
         atomic_write(
