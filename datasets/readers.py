@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from prismkit.core.data import (
     entry,
 )
 from prismkit.core.processor import load_image
+from prismkit.core.shards import expand_shards, read_shard
 
 
 class CocoCaptions(VLDataset):
@@ -264,30 +264,19 @@ def iter_webdataset(
     shards: list[str], problems: Problems | None = None
 ) -> Iterator[tuple[str, Tensor, str]]:
     """``(key, image, caption)`` from webdataset-style tar shards (``KEY.jpg|png`` + ``KEY.txt``
-    or ``KEY.json`` with a ``caption``), streamed member by member. A bad sample raises
+    or ``KEY.json`` with a ``caption``), streamed sample by sample through the ``webdataset``
+    package (paths, brace patterns, ``pipe:`` commands). A bad sample or shard raises
     ``DataError`` naming shard and key, or with ``problems`` is recorded there and skipped."""
-    for shard in shards:
-        try:
-            tar = tarfile.open(shard, "r|*")  # noqa: SIM115 - closed by the with-block below
-        except (OSError, tarfile.TarError) as e:
-            raise DataError(f"shard {shard} cannot be opened: {e}") from None
-        current: dict[str, Any] = {}
-        key = None
-        with tar:
-            try:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    base, _, ext = member.name.partition(".")
-                    if key is not None and base != key:
-                        yield from _wds_sample(shard, key, current, problems)
-                        current = {}
-                    key = base
-                    current[ext.lower()] = tar.extractfile(member).read()  # type: ignore[union-attr]
-            except (OSError, tarfile.TarError) as e:
-                raise DataError(f"shard {shard} is damaged after sample {key}: {e}") from None
-            if key is not None:
-                yield from _wds_sample(shard, key, current, problems)
+
+    def problem(message: str) -> None:
+        if problems is None:
+            raise DataError(message)
+        problems.add(message)
+
+    for shard in (u for s in shards for u in expand_shards(s)):
+        for raw in read_shard(shard, problem):
+            parts = {k: v for k, v in raw.items() if not k.startswith("__")}
+            yield from _wds_sample(shard, raw["__key__"], parts, problems)
 
 
 def _wds_sample(
@@ -329,8 +318,8 @@ def _wds_decode(shard: str, key: str, parts: dict[str, bytes]) -> tuple[str, Ten
 
 
 class WebDatasetCaptions(VLDataset):
-    """Captions from webdataset tar shards (read once into memory; for corpora larger than
-    memory use :func:`iter_webdataset` directly as a stream).
+    """Captions from webdataset tar shards, read once into memory (small sets, evaluation); to
+    train on corpora larger than memory use the ``webdataset_stream`` reader.
 
     Options: ``shards`` (a list of .tar paths), ``prompt``."""
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from prismkit.core.checkpoint import load_weights, save_checkpoint
 from prismkit.core.config import ConfigError, ModelConfig, _build
-from prismkit.core.data import build_dataset, image_index, label_key
+from prismkit.core.data import DataError, build_dataset, image_index, label_key
 from prismkit.core.host import PluginHost, get_plugin_manager
 from prismkit.core.io import atomic_write
 from prismkit.core.model import PrismerModel, create_model
@@ -33,6 +33,7 @@ from prismkit.core.preflight import require_weights
 from prismkit.core.processor import Processor, drop_empty
 from prismkit.engine.augment import AugmentConfig, augment_batch
 from prismkit.engine.batching import ImageCache, batch_indices
+from prismkit.engine.stream import StreamFeed, StreamingDataset
 from prismkit.engine.validate import validate_dataset
 from prismkit.labels.feeder import ExpertFeeder
 
@@ -83,6 +84,10 @@ class DataConfig:
     # check every sample before step 0: "header" (image headers, text lengths, labels in the
     # store), "full" (decode every image too) or "off"
     validate: str = "header"
+    # streaming readers: write the sample keys each process consumed to
+    # OUT_DIR/keys/rank<R>.jsonl (one line per micro-batch: step, micro, epoch, keys), to audit
+    # that every sample is read once per epoch
+    record_keys: bool = False
 
 
 @dataclass
@@ -267,8 +272,10 @@ def save_state(
     host: PluginHost,
     run: RunConfig,
     log: list[dict],
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """A resumable state folder, replaced atomically: model, optimiser, RNG states, position."""
+    """A resumable state folder, replaced atomically: model, optimiser, RNG states, position
+    (``extra``: more of it, e.g. the streamed data's, kept in ``state.json``)."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -284,7 +291,7 @@ def save_state(
         "python": list(random.getstate()[1]),
     }
     torch.save(rng, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "log": log}))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "log": log, **(extra or {})}))
     old = path.with_name(path.name + ".old")
     if path.exists():
         os.replace(path, old)
@@ -309,6 +316,13 @@ def load_state(
     random.setstate((3, tuple(rng["python"]), None))
     state = json.loads((path / "state.json").read_text())
     return state["step"], state["log"]
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """``state.json`` of a resumable state folder (``.old`` if interrupted between renames)."""
+    if not path.exists() and path.with_name(path.name + ".old").exists():
+        path = path.with_name(path.name + ".old")
+    return json.loads((path / "state.json").read_text())
 
 
 # -- the run folder ----------------------------------------------------------------------------
@@ -461,26 +475,57 @@ def train(
     model = create_model(model_cfg, host)
     model.freeze(cfg.stage)
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)
-    # empty captions are data noise: skipped (and counted), never fatal
-    valid, dropped_empty = drop_empty([s.target for s in data.samples])
-    if not valid:
-        raise ValueError(f"dataset {dcfg.dataset!r}: every target text is empty")
+    streaming = isinstance(data, StreamingDataset)
+    aug = dcfg.augment
+    feed = None
     text_data, n_text = None, 0
-    if dcfg.text_dataset:
-        check_text_only(model, model_cfg, dcfg)
-        n_text = text_rows(cfg.batch_size, dcfg.text_ratio)
-        text_data = build_dataset(
-            host.datasets, dcfg.text_dataset, "train", seed=cfg.seed, **dcfg.text_options
+    if streaming:  # shards read as a stream (engine/stream.py): no sample list, no epoch length
+        if cfg.epochs > 0 or cfg.cosine_per_epoch:
+            raise ConfigError(
+                f"dataset {dcfg.dataset!r} streams (its length is not known before an epoch "
+                f"ends): set train.steps, not train.epochs or train.cosine_per_epoch"
+            )
+        if dcfg.text_dataset:
+            raise ConfigError(
+                f"data.text_dataset {dcfg.text_dataset!r} mixes map-style text into a batch; "
+                f"dataset {dcfg.dataset!r} streams: unset data.text_dataset"
+            )
+        feed = StreamFeed(
+            data,
+            rank=acc.process_index,
+            world=acc.num_processes,
+            workers=dcfg.workers,
+            batch_size=cfg.batch_size,
+            image_size=aug.source_size or model_cfg.vision.image_size,
+            reduce_sum=lambda t: acc.reduce(t.to(acc.device), reduction="sum").cpu(),
+            labels=_stream_labels(dcfg.labels, model, host) if dcfg.labels else None,
+            key_log=out_dir / "keys" / f"rank{acc.process_index}.jsonl"
+            if dcfg.record_keys
+            else None,
         )
-    feeder = ExpertFeeder(model, host, dcfg.labels)
+        valid, dropped_empty = [], 0
+    else:
+        # empty captions are data noise: skipped (and counted), never fatal
+        valid, dropped_empty = drop_empty([s.target for s in data.samples])
+        if not valid:
+            raise ValueError(f"dataset {dcfg.dataset!r}: every target text is empty")
+        if dcfg.text_dataset:
+            check_text_only(model, model_cfg, dcfg)
+            n_text = text_rows(cfg.batch_size, dcfg.text_ratio)
+            text_data = build_dataset(
+                host.datasets, dcfg.text_dataset, "train", seed=cfg.seed, **dcfg.text_options
+            )
+    feeder = ExpertFeeder(model, host, "" if streaming else dcfg.labels)
     if cfg.init_from and not resume:
         load_weights(model, cfg.init_from)
     steps_per_epoch = max(
-        1, len(data) // (cfg.batch_size * cfg.grad_accum * max(1, acc.num_processes))
+        1,
+        (0 if streaming else len(data))
+        // (cfg.batch_size * cfg.grad_accum * max(1, acc.num_processes)),
     )
     if cfg.epochs > 0:
         cfg.steps = cfg.epochs * steps_per_epoch
-    if dcfg.validate != "off" or feeder.store is not None:
+    if not streaming and (dcfg.validate != "off" or feeder.store is not None):
         t_check = time.time()
         validate_dataset(
             data,
@@ -491,21 +536,38 @@ def train(
             skip_empty=True,
         )
         acc.print(f"checked {len(data)} samples in {time.time() - t_check:.1f}s")
-    aug = dcfg.augment
-    images = ImageCache(data, (aug.source_size or model_cfg.vision.image_size))
+    images = None if streaming else ImageCache(data, aug.source_size or model_cfg.vision.image_size)
     opt = configure_optimizer(model, cfg)
     step, log = 0, []
     state_dir = out_dir / "last"
     if resume:
         step, log = load_state(state_dir, model, opt)
+        if feed is not None:
+            saved = read_state(state_dir).get("stream")
+            if saved is None:
+                raise ValueError(
+                    f"--resume: {state_dir} was saved by a map-style run; this reader streams"
+                )
+            feed.restore(saved, step)
+            if feed.remap is not None:
+                acc.print(
+                    f"resumed with another layout ({saved[0]['world']} x {saved[0]['workers']} "
+                    f"-> {acc.num_processes} process(es) x {dcfg.workers} worker(s), batch "
+                    f"{saved[0]['batch_size']} -> {cfg.batch_size}): the rest of epoch "
+                    f"{feed.epoch} is read once, in another order than the interrupted run's"
+                )
         acc.print(f"resumed from {state_dir} at step {step}")
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)
     counts = raw.parameter_counts()
     acc.print(
         f"model {model_cfg.name}: {counts['trainable']:,} trainable / {counts['frozen']:,} frozen parameters; "
-        f"{len(valid)} training samples ({dcfg.dataset}; {dropped_empty} empty targets dropped); "
-        f"{acc.num_processes} process(es); run folder {out_dir}; built in {time.time() - t0:.1f}s"
+        + (
+            f"streaming {data!r}; "
+            if streaming
+            else f"{len(valid)} training samples ({dcfg.dataset}; {dropped_empty} empty targets dropped); "
+        )
+        + f"{acc.num_processes} process(es); run folder {out_dir}; built in {time.time() - t0:.1f}s"
     )
     writer = _tensorboard(out_dir) if acc.is_main_process else None
     log_file = _open_log(out_dir / "log.jsonl", log) if acc.is_main_process else None
@@ -523,10 +585,32 @@ def train(
             (bar.write if not bar.disable else print)(msg)
             sys.stdout.flush()
 
+    def stream_extra(state: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Every process's stream position, for the main process's ``save_state`` (collective)."""
+        if feed is None:
+            return None
+        from accelerate.utils import gather_object
+
+        mine = state or feed.state()
+        return {"stream": gather_object([mine]) if acc.num_processes > 1 else [mine]}
+
+    def stream_totals() -> dict[str, int]:
+        """Samples consumed per source and bad samples/shards, summed over processes (collective)."""
+        assert feed is not None
+        names = [s.name for s in data.sources]
+        mine = feed.counts()
+        t = torch.tensor([float(mine[n]) for n in names] + [float(feed.problem_count)])
+        t = acc.reduce(t.to(acc.device), reduction="sum").cpu()
+        return {
+            **{n: int(v) for n, v in zip(names, t[:-1].tolist(), strict=True)},
+            "bad": int(t[-1]),
+        }
+
     t_train = time.time()
     model.train()
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
     interrupted = None
+    data_error: DataError | None = None
     with _StopRequest() as stop:
         while step < end:
             for g in opt.param_groups:
@@ -534,16 +618,36 @@ def train(
             total = 0.0
             parts: dict[str, float] = {}
             raw.begin_step(step)  # schedules (momentum, ramps, warm-ups) count optimizer steps
+            at_step_start = feed.state() if feed is not None else None
             rank, world = acc.process_index, acc.num_processes
             for micro in range(cfg.grad_accum):
-                pos = batch_indices(
-                    step, micro, rank, world, cfg, len(valid), cfg.batch_size - n_text
-                )
-                idx = [valid[i] for i in pos]
-                samples = [data[i] for i in idx]
-                if text_data is not None:
-                    t_idx = batch_indices(step, micro, rank, world, cfg, len(text_data), n_text, 1)
-                    samples += [text_data[i] for i in t_idx]
+                scale = 1.0
+                labels = None
+                pixels: torch.Tensor | None
+                if feed is not None:
+                    try:
+                        fed = feed.next(step, micro)
+                    except DataError as e:  # on_error="raise": every process stops here
+                        data_error = e
+                        break
+                    samples, scale, labels = fed.samples, fed.scale, fed.labels
+                    pixels = fed.pixels.to(acc.device)
+                    imaged = samples
+                else:
+                    pos = batch_indices(
+                        step, micro, rank, world, cfg, len(valid), cfg.batch_size - n_text
+                    )
+                    idx = [valid[i] for i in pos]
+                    samples = [data[i] for i in idx]
+                    if text_data is not None:
+                        t_idx = batch_indices(step, micro, rank, world, cfg, len(text_data), n_text, 1)
+                        samples += [text_data[i] for i in t_idx]
+                    # images (and expert labels) of the rows that have one, in batch order
+                    with_image = [i for i in idx if data[i].image is not None]
+                    imaged = [data[i] for i in with_image]
+                    pixels = None
+                    if with_image:
+                        pixels = torch.stack([images(i) for i in with_image]).to(acc.device)
                 # dataset captions are data: cut to the model's limits, never refused
                 batch = {
                     k: v.to(acc.device) for k, v in processor.batch(samples, truncate=True).items()
@@ -552,18 +656,15 @@ def train(
                     [image_index(s.image_id) for s in samples], device=acc.device
                 )
                 batch |= sample_extras(samples, acc.device)
-                # images (and expert labels) of the rows that have one, in batch order
-                with_image = [i for i in idx if data[i].image is not None]
-                if len(with_image) < len(samples):
+                if len(imaged) < len(samples):
                     check_text_only(raw, model_cfg, dcfg)
                     batch["has_image"] = torch.tensor(
                         [s.image is not None for s in samples], device=acc.device
                     )
-                pixels, experts = None, None
-                if with_image:
-                    pixels = torch.stack([images(i) for i in with_image]).to(acc.device)
+                experts = None
+                if pixels is not None:
                     with torch.no_grad():
-                        experts = feeder(pixels, [label_key(data[i]) for i in with_image])
+                        experts = feeder(pixels, [label_key(s) for s in imaged], maps=labels)
                         if aug.enabled:
                             pixels, experts = augment_batch(
                                 pixels, experts, model_cfg.vision.image_size, aug
@@ -571,6 +672,8 @@ def train(
                 with acc.accumulate(model), acc.autocast():
                     out = model(pixels, **batch, experts=experts)
                     loss = out.loss
+                    if feed is not None:  # 0: a process through its epoch before the others
+                        loss = loss * scale
                     acc.backward(loss)
                     if acc.sync_gradients:
                         acc.clip_grad_norm_(
@@ -581,6 +684,9 @@ def train(
                 total += loss.detach().float() / cfg.grad_accum
                 for k, v in out.parts.items():
                     parts[k] = parts.get(k, 0.0) + float(v) / cfg.grad_accum
+            if data_error is not None:
+                interrupted = "bad data"
+                break
             mean_loss = acc.reduce(total, reduction="mean").item()
             record: dict[str, Any] = {
                 "step": step,
@@ -596,6 +702,12 @@ def train(
                 record["parts"] = {
                     k: round(float(v), 6) for k, v in zip(names, values, strict=True)
                 }
+            logged = step % cfg.log_every == 0 or step == cfg.steps - 1
+            if feed is not None and logged:  # samples per source (all processes), bad skipped
+                totals = stream_totals()
+                record["epoch"] = feed.epoch
+                record["samples_per_source"] = {k: v for k, v in totals.items() if k != "bad"}
+                record["bad_samples"] = totals["bad"]
             log.append(record)
             if log_file is not None:
                 log_file.write(json.dumps(record) + "\n")
@@ -607,11 +719,17 @@ def train(
                     writer.add_scalar(f"train/{k}", v, step)
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
-            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            if logged:
                 shown = "".join(f"  {k} {v:.3g}" for k, v in record.get("parts", {}).items())
                 say(
                     f"step {step:5d}  loss {mean_loss:.4f}  lr {record['lr']:.2e}  {time.time() - t_train:.0f}s{shown}"
                 )
+                if "samples_per_source" in record:
+                    say(
+                        f"  data (epoch {record['epoch']}): "
+                        + ", ".join(f"{k} {v}" for k, v in record["samples_per_source"].items())
+                        + f" samples; {record['bad_samples']} bad samples/shards skipped"
+                    )
             step += 1
             asked = stop.signal is not None
             if acc.num_processes > 1:  # stop together: any process asked
@@ -620,8 +738,10 @@ def train(
             if asked:
                 interrupted = signal.Signals(stop.signal).name if stop.signal else "signal"
                 break
-            if acc.is_main_process and cfg.save_every and step % cfg.save_every == 0:
-                save_state(state_dir, raw, opt, step, host, run, log)
+            if cfg.save_every and step % cfg.save_every == 0:
+                extra = stream_extra()
+                if acc.is_main_process:
+                    save_state(state_dir, raw, opt, step, host, run, log, extra)
     bar.close()
     if log_file is not None:
         log_file.close()
@@ -651,8 +771,18 @@ def train(
         result["ranks_in_sync"] = bool(
             torch.allclose(sums, sums[0].expand_as(sums), rtol=0, atol=1e-9)
         )
+    extra = stream_extra(at_step_start if data_error is not None else None)
+    if feed is not None:
+        totals = stream_totals()
+        problems = [p for s in (extra or {}).get("stream", []) for p in s["problems"]]
+        result["stream"] = {
+            "epoch": feed.epoch,
+            "samples_per_source": {k: v for k, v in totals.items() if k != "bad"},
+            "bad": totals["bad"],
+            "bad_examples": problems[:20],
+        }
     if acc.is_main_process:
-        save_state(state_dir, raw, opt, step, host, run, log)
+        save_state(state_dir, raw, opt, step, host, run, log, extra)
         if interrupted:
             say(
                 f"stopped at step {step} ({interrupted}); continue with --resume --out-dir {out_dir}"
@@ -663,7 +793,9 @@ def train(
                 raw, ckpt, host, extra={"run": asdict(run), "final_loss": result["final_loss"]}
             )
             result["checkpoint"] = str(ckpt)
-    if step >= cfg.steps and cfg.eval_questions and acc.is_main_process:
+    if streaming and not dcfg.eval_dataset and step >= cfg.steps and cfg.eval_questions:
+        acc.print("no evaluation: a streaming reader has no test split; set data.eval_dataset")
+    elif step >= cfg.steps and cfg.eval_questions and acc.is_main_process:
         from prismkit.engine.evaluate import evaluate_datasets
 
         spec = dcfg.eval_dataset or dcfg.dataset
@@ -696,6 +828,8 @@ def train(
             writer.close()
     acc.wait_for_everyone()
     acc.end_training()
+    if data_error is not None:  # on_error="raise": the state of the steps done is saved
+        raise DataError(f"{data_error} (stopped at step {step}; state saved in {state_dir})")
     return result
 
 
@@ -735,6 +869,11 @@ def sample_extras(samples: list, device: torch.device) -> dict[str, torch.Tensor
     return {
         k: torch.stack([torch.as_tensor(s.extras[k]) for s in samples]).to(device) for k in keys
     }
+def _stream_labels(root: str, model: PrismerModel, host: PluginHost):
+    """The shard label store at ``root`` read by the loader workers, for the model's experts."""
+    from prismkit.labels.shard_store import StreamLabels
+
+    return StreamLabels(root, [host.expert(s.name) for s in getattr(model, "experts", ())])
 
 
 def _open_log(path: Path, log: list[dict]):

@@ -98,9 +98,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--batch-size and --workers must be at least 1; got {args.batch_size}, {args.workers}"
         )
-    report = run_experts(
-        args.inputs, experts, store, args.batch_size, args.workers, shard=shard, verify=args.verify
-    )
+    if args.shards:
+        if args.verify:
+            raise ValueError(
+                "--verify checks a per-image store; shard label files are checked (sha256 of "
+                "every sample) whenever training reads them: drop --verify"
+            )
+        from prismkit.labels.shard_runner import run_experts_on_shards
+        from prismkit.labels.shard_store import ShardLabelStore
+
+        report = run_experts_on_shards(
+            args.inputs,
+            experts,
+            ShardLabelStore(args.store, args.size),
+            args.batch_size,
+            args.workers,
+            shard=shard,
+        )
+    else:
+        report = run_experts(
+            args.inputs,
+            experts,
+            store,
+            args.batch_size,
+            args.workers,
+            shard=shard,
+            verify=args.verify,
+        )
     print(report.summary())
     return 1 if report.failures else 0
 
@@ -131,7 +155,11 @@ def _configure(p: argparse.ArgumentParser) -> None:
         q.add_argument("--device", default=None, help="default: cuda:$LOCAL_RANK if any, else cpu")
 
     r = sub.add_parser("run", help="precompute labels into a label store (resumable, sharded)")
-    r.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
+    r.add_argument(
+        "inputs",
+        nargs="+",
+        help="image files or folders (searched recursively); with --shards: shards",
+    )
     r.add_argument("--store", required=True, type=Path, help="label store folder")
     common(r)
     r.add_argument("--batch-size", type=int, default=8, help="images per expert call")
@@ -153,6 +181,13 @@ def _configure(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="check the checksum of every stored label file of these images and recompute the "
         "damaged ones (without it, only truncated files are caught)",
+    )
+    r.add_argument(
+        "--shards",
+        action="store_true",
+        help="the inputs are webdataset shards (paths, brace patterns such as "
+        "'cc3m/{000000..000331}.tar', pipe: commands): labels go into one file per shard and "
+        "expert, read by the streaming reader during training (resumable shard by shard)",
     )
     r.set_defaults(func=cmd_run)
 

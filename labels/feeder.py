@@ -72,11 +72,17 @@ class ExpertFeeder:
         if any(s.kind == "semantic" for s in self.slots):
             self.embedder = label_embedder(model.config.label_space)
 
-    def __call__(self, images: torch.Tensor, image_ids: list[str]) -> dict[str, ExpertInput]:
+    def __call__(
+        self,
+        images: torch.Tensor,
+        image_ids: list[str],
+        maps: dict[str, LabelMap] | None = None,
+    ) -> dict[str, ExpertInput]:
+        """Model inputs of ``images`` (``(B, 3, S, S)``); ``maps`` (expert name -> labels of the
+        batch, e.g. streamed with the images from a shard label store) are used as given."""
         if not self.slots:
             return {}
-        maps = None
-        if self.store is not None:
+        if maps is None and self.store is not None:
             from prismkit.labels.store import MissingLabelsError
 
             try:
