@@ -68,6 +68,9 @@ class DataConfig:
     # reader for evaluation ("" = the training reader) and its split
     eval_dataset: str = ""
     eval_split: str = "test"
+    # options of the evaluation reader (unset = data.options; {} = none): a streamed training
+    # set and a map-style test set take different options
+    eval_options: dict[str, Any] | None = None
     # label store folder with precomputed expert labels ("" = run the experts on the fly)
     labels: str = ""
     # DataLoader worker processes
@@ -805,7 +808,7 @@ def train(
             host,
             spec,
             dcfg.eval_split,
-            dcfg.options,
+            dcfg.options if dcfg.eval_options is None else dcfg.eval_options,
             feeder,
             run.eval,
             cfg.eval_questions,

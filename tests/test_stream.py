@@ -313,6 +313,30 @@ def test_training_streams_one_process(host, tiny_dir, tmp_path):
         train(tiny_config(tiny_dir), bad, host)
 
 
+def test_streamed_training_evaluates_on_a_map_style_set(host, tiny_dir, tmp_path):
+    """data.eval_dataset with its own data.eval_options: a stream trains, easy-vqa evaluates."""
+    write_shards(tmp_path / "sh", 2, 4)
+    run = RunConfig.from_dict(
+        {
+            "data": {
+                "dataset": "webdataset_stream",
+                "options": {"shards": str(tmp_path / "sh" / "s-{000000..000001}.tar")},
+                "eval_dataset": "easyvqa_captions",
+                "eval_options": {},
+            },
+            "train": {
+                "steps": 2,
+                "batch_size": 4,
+                "eval_questions": 4,
+                "out_dir": str(tmp_path / "r"),
+            },
+            "eval": {"beams": 1, "max_length": 8, "min_length": 1},
+        }
+    )
+    result = train(tiny_config(tiny_dir), run, host)
+    assert result["eval"]["samples"] == 4 and "cider" in " ".join(result["eval"]).lower()
+
+
 def _keys_by_epoch(out: Path) -> dict[int, list[str]]:
     got: dict[int, list[str]] = {}
     for rank in (0, 1):
