@@ -131,3 +131,4 @@ def load_weights(model: PrismerModel, path: str | Path) -> None:
                 f"checkpoint {path}: {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}"
             )
     model.load_state_dict(state, strict=False)
+    model.pretrained_names |= set(state) & {n for n, _ in model.named_parameters()}

@@ -41,6 +41,9 @@ class Sample:
     task: str = "caption"
     # weight of the sample's loss (Prismer weights VQA answers; Visual Genome's get 0.2)
     weight: float = 1.0
+    # a group for per-type metrics (VQAv2's answer_type "yes/no" / "number" / "other";
+    # easy-vqa's "shape", "color", "yes/no shape", "yes/no color"); "" = none
+    question_type: str = ""
 
 
 def label_key(sample: Sample) -> str:

@@ -19,8 +19,24 @@ def _easy_vqa(split: str) -> tuple[list[str], list[str], list[int], dict[int, st
     return q, a, ids, paths, list(easy_vqa.get_answers())
 
 
+COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+SHAPES = ("circle", "rectangle", "triangle")
+
+
+def question_type(question: str, answer: str) -> str:
+    """easy-vqa's four kinds of question: "shape" and "color" (what ...?), "yes_no_shape" ("is
+    there a circle?") and "yes_no_color" ("is there a red shape?")."""
+    if answer in SHAPES:
+        return "shape"
+    if answer in COLORS:
+        return "color"
+    words = set(question.rstrip("?").split())
+    return "yes_no_color" if words & set(COLORS) else "yes_no_shape"
+
+
 class EasyVQA(VLDataset):
-    """easy-vqa (PyPI, offline): 64x64 shape images with questions and 13 answers."""
+    """easy-vqa (PyPI, offline): 64x64 shape images with questions and 13 answers; each sample's
+    ``question_type`` is one of :func:`question_type`'s four."""
 
     name = "easyvqa"
     task = "vqa"
@@ -28,14 +44,18 @@ class EasyVQA(VLDataset):
     def __init__(self, *, split: str = "train", fraction: float = 1.0, seed: int = 0) -> None:
         q, a, ids, paths, answers = _easy_vqa(split)
         samples = [
-            Sample(paths[i], paths[i], VQA_PROMPT.format(qq), aa, [aa], task="vqa")
+            Sample(
+                paths[i],
+                paths[i],
+                VQA_PROMPT.format(qq),
+                aa,
+                [aa],
+                task="vqa",
+                question_type=question_type(qq, aa),
+            )
             for qq, aa, i in zip(q, a, ids, strict=True)
         ]
         super().__init__(_subset(samples, fraction, seed), answers)
-
-
-COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
-SHAPES = ("circle", "rectangle", "triangle")
 
 
 class EasyVQACaptions(VLDataset):

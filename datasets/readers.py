@@ -135,6 +135,7 @@ class VQAv2(VLDataset):
                     target,
                     refs,
                     task="vqa",
+                    question_type=ann.get("answer_type", ""),
                 )
             )
         super().__init__(_subset(samples, fraction, seed), answers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -35,8 +36,14 @@ class Predictor:
             ]
         pixels = pixels.to(device)
         ids = ids or [f"image-{n}" for n in range(pixels.shape[0])]
+        # images with one id (the questions about one image) are encoded once
+        first = {i: n for n, i in reversed(list(enumerate(ids)))}
+        unique = sorted(first.values())
+        where = torch.tensor([unique.index(first[i]) for i in ids], device=device)
         with torch.no_grad():
-            return self.model.encode_image(pixels, self.feeder(pixels, ids))
+            pixels = pixels[unique]
+            vision = self.model.encode_image(pixels, self.feeder(pixels, [ids[n] for n in unique]))
+        return vision[where]
 
     @torch.no_grad()
     def caption(
@@ -164,7 +171,7 @@ def evaluate(
     images = ImageCache(data, model.config.vision.image_size)
     n = 0
     if data.task == "vqa":
-        closed, opened, refs = [], [], []
+        closed, opened, refs, types = [], [], [], []
         for idx in iter_batches(data, batch_size, limit):
             samples = [data[i] for i in idx]
             pixels = torch.stack([images(i) for i in idx])
@@ -173,12 +180,18 @@ def evaluate(
             closed += pred.answer(pixels, questions, data.answer_list, top_k=cfg.top_k, ids=ids)
             opened += pred.answer(pixels, questions, None, ids=ids)
             refs += [s.references or [s.target] for s in samples]
+            types += [s.question_type for s in samples]
             n += len(idx)
-        return {
+        out = {
             "vqa_accuracy": metrics.vqa_accuracy(closed, refs),
             "vqa_accuracy_open": metrics.vqa_accuracy(opened, refs),
             "samples": float(n),
         }
+        # per question type (closed-set ranking): "vqa_accuracy/yes_no_color", "samples/..."
+        for t, (acc, count) in metrics.vqa_accuracy_by_type(closed, refs, types).items():
+            key = re.sub(r"\W+", "_", t)
+            out[f"vqa_accuracy/{key}"], out[f"samples/{key}"] = acc, float(count)
+        return out
     if data.task == "caption":
         preds, refs = {}, {}
         beam = BeamConfig(beams=cfg.beams, max_length=cfg.max_length, min_length=cfg.min_length)
