@@ -178,15 +178,15 @@ def evaluate(
             ids = [label_key(s) for s in samples]
             questions = [s.prompt for s in samples]
             closed += pred.answer(pixels, questions, data.answer_list, top_k=cfg.top_k, ids=ids)
-            opened += pred.answer(pixels, questions, None, ids=ids)
+            if cfg.vqa_open:
+                opened += pred.answer(pixels, questions, None, ids=ids)
             refs += [s.references or [s.target] for s in samples]
             types += [s.question_type for s in samples]
             n += len(idx)
-        out = {
-            "vqa_accuracy": metrics.vqa_accuracy(closed, refs),
-            "vqa_accuracy_open": metrics.vqa_accuracy(opened, refs),
-            "samples": float(n),
-        }
+        out = {"vqa_accuracy": metrics.vqa_accuracy(closed, refs)}
+        if opened:
+            out["vqa_accuracy_open"] = metrics.vqa_accuracy(opened, refs)
+        out["samples"] = float(n)
         # per question type (closed-set ranking): "vqa_accuracy/yes_no_color", "samples/..."
         for t, (acc, count) in metrics.vqa_accuracy_by_type(closed, refs, types).items():
             key = re.sub(r"\W+", "_", t)

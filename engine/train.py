@@ -119,6 +119,9 @@ class EvalConfig:
     min_length: int = 8
     # rank only the top_k answers by first token before full scoring (None = all)
     top_k: int | None = None
+    # VQA: also generate answers (beam search, the reference's "generate" lengths) and report
+    # vqa_accuracy_open beside the closed-set ranking's vqa_accuracy
+    vqa_open: bool = True
 
 
 @dataclass
@@ -320,7 +323,7 @@ def train(
         f"{len(data)} training samples ({dcfg.dataset}); {acc.num_processes} process(es); built in {time.time() - t0:.1f}s"
     )
     writer = _tensorboard(out_dir) if acc.is_main_process else None
-    t_train = time.time()
+    t_train, cpu_train = time.time(), time.process_time()
     model.train()
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
     while step < end:
@@ -376,6 +379,8 @@ def train(
         "model": model_cfg.name,
         "steps": step,
         "train_seconds": round(train_s, 1),
+        # CPU time of this process (all its threads): on a shared machine, what the work costs
+        "train_cpu_seconds": round(time.process_time() - cpu_train, 1),
         **peak_memory_mib(),
         "first_loss": log[0]["loss"] if log else None,
         "final_loss": log[-1]["loss"] if log else None,
@@ -411,18 +416,22 @@ def train(
         from prismkit.engine.evaluate import evaluate_datasets
 
         spec = dcfg.eval_dataset or dcfg.dataset
-        metrics = evaluate_datasets(
-            raw,
-            processor,
-            host,
-            spec,
-            dcfg.eval_split,
-            dcfg.options,
-            feeder,
-            run.eval,
-            None if cfg.eval_questions < 0 else cfg.eval_questions,
-        )
+        t_eval, cpu_eval = time.time(), time.process_time()
+        with acc.autocast():  # the training's precision (bf16 autocast or fp32)
+            metrics = evaluate_datasets(
+                raw,
+                processor,
+                host,
+                spec,
+                dcfg.eval_split,
+                dcfg.options,
+                feeder,
+                run.eval,
+                None if cfg.eval_questions < 0 else cfg.eval_questions,
+            )
         result["eval"] = metrics
+        result["eval_seconds"] = round(time.time() - t_eval, 1)
+        result["eval_cpu_seconds"] = round(time.process_time() - cpu_eval, 1)
         acc.print(
             "eval: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "samples" not in k)
         )

@@ -168,3 +168,33 @@ def test_cached_ranking_equals_the_reference_recomputation(host, tiny_dir, backb
         torch.testing.assert_close(fast.scores, slow.scores)
         assert torch.equal(fast.answer_index, slow.answer_index)
         assert torch.equal(fast.labels, slow.labels) and torch.equal(fast.topk_ids, slow.topk_ids)
+
+
+def test_zero_initialised_cross_attention_leaves_the_pretrained_model_unchanged(host, tiny_dir):
+    """``language.cross_attention_zero_init`` + ``adaptor.zero_init`` (options, not the
+    reference): at initialisation the decoder's states do not depend on the image, and they are
+    the pretrained language model's up to the LayerNorms the new blocks add (identities here)."""
+    cfg = tiny_config(tiny_dir)
+    cfg.language.cross_attention_zero_init = True
+    cfg.adaptor.zero_init = True
+    model = create_model(cfg, host).eval()
+    layer = model.language.layers[0]
+    assert not layer.cross_attn.out_proj.weight.any() and not layer.cross_attn.out_proj.bias.any()
+    batch = batch_for(model)
+    vision = model.encode_image(batch["images"], batch["experts"])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with_image, _ = model.language(ids, vision, mask)
+    other_image, _ = model.language(ids, torch.randn_like(vision), mask)
+    text_only, _ = model.language(ids, None, mask)
+    torch.testing.assert_close(with_image, other_image)
+    torch.testing.assert_close(with_image, text_only, atol=1e-5, rtol=1e-5)
+    # the reference's random initialisation makes the states depend on the image from the start
+    plain = create_model(tiny_config(tiny_dir), host).eval()
+    a, _ = plain.language(ids, vision, mask)
+    b, _ = plain.language(ids, torch.randn_like(vision), mask)
+    assert not torch.allclose(a, b)
+    # training moves the projection: its gradient is not zero
+    model.train()
+    out = model(batch["images"], ids, mask, labels=batch["labels"], experts=batch["experts"])
+    out.loss.backward()
+    assert layer.cross_attn.out_proj.weight.grad.abs().sum() > 0

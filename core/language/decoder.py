@@ -65,6 +65,9 @@ class DecoderLayer(nn.Module):
                 c.width, c.heads, kv_width=vision_width, dropout=c.attention_dropout
             )
             self.cross_norm = LayerNorm32(c.width, eps=c.eps)
+            if c.cross_attention_zero_init:
+                nn.init.zeros_(self.cross_attn.out_proj.weight)
+                nn.init.zeros_(self.cross_attn.out_proj.bias)
         self.adaptor = adaptor
         self.fc1 = nn.Linear(c.width, c.intermediate)
         self.fc2 = nn.Linear(c.intermediate, c.width)
