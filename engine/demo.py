@@ -55,14 +55,27 @@ class Variant:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/embedded", help="report folder")
-    p.add_argument("--steps", type=int, default=900, help="optimiser steps per run")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (pretrained parts)")
+    p.add_argument("--steps", type=int, default=720, help="optimiser steps per run")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     p.add_argument(
         "--new-lr",
         type=float,
-        default=1e-3,
-        help="peak learning rate of the newly initialised parts (train.new_lr)",
+        default=None,
+        help="peak learning rate of the newly initialised parts (train.new_lr; default: --lr)",
+    )
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        help="the language model's dropout and attention dropout (the offline default: 0.1); "
+        "off for a run shorter than an epoch",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="bf16",
+        help="bf16 autocast (fast on CPUs with AVX512-BF16/AMX) or fp32 (auto: fp32 on the CPU)",
     )
     p.add_argument(
         "--stage",
@@ -91,6 +104,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="expert ablation: one Prismer per expert named, each alone, against PrismerZ "
         "(default: Prismer with the offline default's experts)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=4,
+        help="VQA ranking: the k likeliest answers by first token are fully scored (Prismer's "
+        "k_test); 0 = all 13",
+    )
+    p.add_argument(
+        "--vqa-open",
+        action="store_true",
+        help="also generate every test answer by beam search (VQA open; slow on the CPU)",
     )
     p.add_argument(
         "--no-feature-cache",
@@ -134,6 +159,9 @@ def run(args: argparse.Namespace) -> int:
             for v in todo:
                 model_cfg = resolve_config(host, v.config)
                 model_cfg.vision = replace(model_cfg.vision, image_size=args.image_size)
+                model_cfg.language = replace(
+                    model_cfg.language, dropout=args.dropout, attention_dropout=args.dropout
+                )
                 if v.experts is not None:
                     model_cfg.experts = list(v.experts)
                 run_dir = out / f"{v.folder}-f{fraction:g}-s{seed}"
@@ -146,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size,
                         lr=args.lr,
                         new_lr=args.new_lr,
+                        precision=args.precision,
                         stage=args.stage,
                         warmup=max(1, args.steps // 10),
                         seed=seed,
@@ -154,7 +183,13 @@ def run(args: argparse.Namespace) -> int:
                         log_every=100,
                         out_dir=str(run_dir),
                     ),
-                    eval=EvalConfig(beams=3, max_length=10, min_length=1),
+                    eval=EvalConfig(
+                        beams=3,
+                        max_length=10,
+                        min_length=1,
+                        top_k=args.top_k or None,
+                        vqa_open=args.vqa_open,
+                    ),
                 )
                 print(
                     f"\n=== {v.label} ({v.folder}), {fraction:.0%} of the training data, seed {seed}"
@@ -257,12 +292,14 @@ def _table(rows: list[dict]) -> str:
     seeds = max(r["seeds"] for r in rows)
     width = 15 if seeds > 1 else 10
     name = max(10, *(len(r["variant"]) + 1 for r in rows))
-    head = f"{'model':<{name}}{'data':>5}{'seeds':>6}" + "".join(f"{h:>{width}}" for h in HEADS)
+    # a metric no run measured (VQA open without --vqa-open) gets no column
+    shown = [(m, h) for m, h in zip(METRICS, HEADS, strict=True) if any(m in r for r in rows)]
+    head = f"{'model':<{name}}{'data':>5}{'seeds':>6}" + "".join(f"{h:>{width}}" for _, h in shown)
     head += f"{'questions':>10}{'captions':>9}{'train s':>8}{'peak MiB':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         cells = ""
-        for m in METRICS:
+        for m, _ in shown:
             v = r.get(m, float("nan"))
             cell = f"{v:.3f}" + (f" ±{r.get(m + ' std', 0):.3f}" if seeds > 1 else "")
             cells += f"{cell:>{width}}"
@@ -272,8 +309,9 @@ def _table(rows: list[dict]) -> str:
             f"{r['train_seconds']:>8.0f}{r['peak_rss_mib']:>9.0f}"
         )
     lines.append(
-        "VQA acc: closed-set ranking over easy-vqa's 13 answers (overall, then per question type); "
-        "VQA open: beam search; questions / captions: test questions and test images scored; "
+        "VQA acc: Prismer's closed-set ranking of easy-vqa's 13 answers (overall, then per "
+        "question type); VQA open: beam search; questions / captions: test questions and test "
+        "images scored; "
         "peak MiB: the process's peak resident memory when the run ended (runs share it)"
     )
     return "\n".join(lines)
