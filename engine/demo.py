@@ -137,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
 def variants(experts: list[str] | None) -> list[Variant]:
     if not experts:
         return [Variant("Prismer", PRISMER), Variant("PrismerZ", PRISMER_Z)]
-    return [Variant(f"Prismer[{e}]", PRISMER, (e,)) for e in experts] + [
-        Variant("PrismerZ", PRISMER_Z)
+    # the baseline first: an interrupted ablation still has something to compare against
+    return [Variant("PrismerZ", PRISMER_Z)] + [
+        Variant(f"Prismer[{e}]", PRISMER, (e,)) for e in experts
     ]
 
 
@@ -290,7 +291,7 @@ def _table(rows: list[dict]) -> str:
     """Accuracy overall and per question type, open-ended accuracy, caption scores; ``± std``
     over seeds when there are several."""
     seeds = max(r["seeds"] for r in rows)
-    width = 15 if seeds > 1 else 10
+    width = 15 if seeds > 1 else 11
     name = max(10, *(len(r["variant"]) + 1 for r in rows))
     # a metric no run measured (VQA open without --vqa-open) gets no column
     shown = [(m, h) for m, h in zip(METRICS, HEADS, strict=True) if any(m in r for r in rows)]
@@ -309,9 +310,9 @@ def _table(rows: list[dict]) -> str:
             f"{r['train_seconds']:>8.0f}{r['peak_rss_mib']:>9.0f}"
         )
     lines.append(
-        "VQA acc: Prismer's closed-set ranking of easy-vqa's 13 answers (overall, then per "
-        "question type); VQA open: beam search; questions / captions: test questions and test "
-        "images scored; "
+        "VQA acc: Prismer's closed-set ranking of easy-vqa's 13 answers (the --top-k likeliest "
+        "by first token fully scored; overall, then per question type); VQA open (--vqa-open): "
+        "beam search; questions / captions: test questions and test images scored; "
         "peak MiB: the process's peak resident memory when the run ended (runs share it)"
     )
     return "\n".join(lines)

@@ -148,6 +148,17 @@ def peak_memory_mib() -> dict[str, float]:
     return out
 
 
+def _release_accelerator_state(precision: str) -> None:
+    """accelerate keeps one process-wide state and refuses a second ``Accelerator`` with another
+    precision; a single-process run (a notebook, a demo training fp32 then bf16) starts afresh."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state:
+        state = AcceleratorState()
+        if state.num_processes == 1 and state.mixed_precision != precision:
+            AcceleratorState._reset_state()
+
+
 def lr_at(step: int, cfg: TrainConfig, steps_per_epoch: int = 1) -> float:
     """Linear warm-up from ``warmup_start_lr`` to ``lr`` over ``warmup`` steps, then cosine decay
     to ``min_lr`` (default 10% of ``lr``) by the last step, or, with ``cosine_per_epoch``, by
@@ -264,6 +275,7 @@ def train(
     host = host or get_plugin_manager()
     cuda = torch.cuda.is_available()
     precision = {"auto": "bf16" if cuda else "no", "fp32": "no", "bf16": "bf16"}[cfg.precision]
+    _release_accelerator_state(precision)
     acc = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision, cpu=not cuda
     )
