@@ -96,6 +96,10 @@ class LanguageConfig:
     attention_dropout: float = 0.1
     # one more layer (self-attention + FFN, no cross-attention) after the last one (Prismer)
     output_layer: bool = True
+    # start each cross-attention's output projection at zero (Flamingo's zero-initialised
+    # gates; not the reference, which starts it random): the post-LN layer then passes the
+    # pretrained model's states through unchanged until training moves it
+    cross_attention_zero_init: bool = False
     # freeze the pretrained weights (pre-training); False fine-tunes the whole language model
     frozen: bool = True
     # special tokens added to the tokenizer (``tokenizer.add_special_tokens``), e.g. BLIP's

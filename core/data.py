@@ -117,6 +117,9 @@ class Sample:
     task: str = "caption"
     # weight of the sample's loss (Prismer weights VQA answers; Visual Genome's get 0.2)
     weight: float = 1.0
+    # a group for per-type metrics (VQAv2's answer_type "yes/no" / "number" / "other";
+    # easy-vqa's "shape", "color", "yes/no shape", "yes/no color"); "" = none
+    question_type: str = ""
     # per-sample tensors the training loop stacks and hands to the head as keyword arguments
     # (mu-VLA's retrieval embeddings); every sample of a reader carries the same keys
     extras: dict[str, Any] = field(default_factory=dict)

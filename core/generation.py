@@ -211,13 +211,24 @@ def decoder_step(decoder, vision: Tensor, beams: int) -> tuple[StepFn, ReorderFn
     """The step and reorder functions of a prismkit ``TextDecoder`` attending to ``vision
     (B, N, D)``. transformers repeats ``encoder_hidden_states`` per beam; here the ``beams`` rows
     of one image share its cross-attention keys/values (the same numbers, projected once and
-    never reordered: beams stay with their image)."""
+    never reordered: beams stay with their image). The first call's prompts are the same for
+    every beam of an input: they run once per input and their logits and self-attention cache
+    are repeated (the same numbers, ``beams`` times less work)."""
 
     def step(ids: Tensor, mask: Tensor, cache: Any) -> tuple[Tensor, Any]:
-        if cache is None:
-            hidden, cache = decoder(ids, vision, mask)
-        else:
+        if cache is not None:
             hidden, cache = decoder(ids, None, mask, cache=cache)
+            return decoder.logits(hidden[:, -1]).float(), cache
+        one_ids, one_mask = ids[::beams], mask[::beams]
+        if (
+            beams > 1
+            and torch.equal(ids, one_ids.repeat_interleave(beams, 0))
+            and torch.equal(mask, one_mask.repeat_interleave(beams, 0))
+        ):
+            hidden, cache = decoder(one_ids, vision, one_mask)
+            index = torch.arange(one_ids.shape[0], device=ids.device).repeat_interleave(beams)
+            return decoder.logits(hidden[index, -1]).float(), cache.repeat_rows(index)
+        hidden, cache = decoder(ids, vision, mask)
         return decoder.logits(hidden[:, -1]).float(), cache
 
     return step, lambda cache, index: cache.select(index)
@@ -270,6 +281,7 @@ def rank_answers(
     answer_mask: Tensor,
     k: int,
     label_smoothing: float = 0.1,
+    use_cache: bool = True,
 ) -> RankOutput:
     """Rank candidate answers as ``PrismerVQA.forward(inference="rank", k_test=k)`` does.
 
@@ -280,13 +292,17 @@ def rank_answers(
     2. Each kept candidate ``(C, A)`` (tokens + EOS, right-padded) is appended to its prompt row
        (padding included) and scored by its label-smoothed summed cross-entropy divided by its
        token count; the best score wins.
+
+    ``use_cache`` (default) scores the candidates on the prompts' cached keys/values: only the
+    ``A`` candidate columns run again, ``B k A`` tokens instead of the reference's ``B k (P +
+    A)``; the same numbers up to float rounding. False re-reads every prompt, as the reference.
     """
     from prismkit.core.heads import IGNORE, sequence_losses
 
     b, c = prompt_ids.shape[0], answer_ids.shape[0]
     k = min(k, c)
     pad = decoder.pad_token_id
-    hidden, _ = decoder(prompt_ids, vision, prompt_mask)
+    hidden, cache = decoder(prompt_ids, vision, prompt_mask)
     logits = decoder.logits(hidden[:, -1]).float()
     probs = logits.softmax(dim=-1).index_select(1, answer_ids[:, 0])
     topk_ids = probs.topk(k, dim=1).indices
@@ -296,8 +312,17 @@ def rank_answers(
     mask = torch.cat([prompt_mask[rows], answer_mask[chosen]], dim=1)
     labels = input_ids.masked_fill(input_ids == pad, IGNORE)
     labels[:, : prompt_ids.shape[1]] = IGNORE
-    hidden, _ = decoder(input_ids, vision[rows], mask)
-    loss = sequence_losses(hidden, labels, decoder.logits, label_smoothing)
+    if use_cache:
+        # the last prompt column predicts each candidate's first token; the candidate's own
+        # columns (run on the cached prompt) predict the rest
+        answers, _ = decoder(answer_ids[chosen], None, mask, cache=cache.select(rows))
+        hidden = torch.cat([hidden[rows, -1:], answers], dim=1)
+        loss = sequence_losses(
+            hidden, labels[:, prompt_ids.shape[1] - 1 :], decoder.logits, label_smoothing
+        )
+    else:
+        hidden, _ = decoder(input_ids, vision[rows], mask)
+        loss = sequence_losses(hidden, labels, decoder.logits, label_smoothing)
     scores = (-loss / (labels != IGNORE).sum(-1)).view(b, k)
     best = scores.argmax(dim=1)
     return RankOutput(

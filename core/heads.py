@@ -5,6 +5,10 @@ the model's forward, so distributed wrappers see it). Contract::
 
     objective(model, images=..., input_ids=..., attention_mask=..., labels=..., experts=...,
               prefix_len=...) -> (loss, {"part": value, ...})
+
+An objective that sets ``accepts_stem_features = True`` also takes ``stem_features`` (the frozen
+image stem's output, cached per image by the training loop) and hands it to
+``model.encode_image``.
 """
 
 from __future__ import annotations
@@ -77,6 +81,8 @@ class LMObjective(nn.Module):
     "A picture of") and padding carry no loss. Optional per-sample ``weights`` (VQA)."""
 
     name = "lm"
+    # forward takes ``stem_features`` (the frozen stem's cached output) for the image encoding
+    accepts_stem_features = True
 
     def __init__(
         self, *, label_smoothing: float = 0.1, reduction: str = "sample_sum", **_: object
@@ -98,9 +104,10 @@ class LMObjective(nn.Module):
         experts=None,
         prefix_len=None,
         weights: Tensor | None = None,
+        stem_features: Tensor | None = None,
         **_: object,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        vision = model.encode_image(images, experts)
+        vision = model.encode_image(images, experts, stem_features=stem_features)
         hidden, _ = model.language(input_ids, vision, attention_mask, prefix_len=prefix_len)
         loss = lm_loss(
             hidden, labels, model.language.logits, self.label_smoothing, self.reduction, weights

@@ -95,6 +95,9 @@ class PrismerModel(nn.Module):
                 torch.randn(config.instance_embeddings, w) * w**-0.5
             )
         self.objective = objective
+        # parameter names whose values came from pretrained weights (load_pretrained, or a
+        # checkpoint loaded with load_weights); the rest are newly initialised
+        self.pretrained_names: set[str] = set()
         self.register_buffer(
             "pixel_mean", torch.tensor(config.vision.mean).view(1, 3, 1, 1), persistent=False
         )
@@ -185,12 +188,36 @@ class PrismerModel(nn.Module):
                 raise FileNotFoundError(
                     f"{name} = {source!r}: {weights.status(source).where}; fix the path or use a hub id"
                 )
+
+        def ids(*modules: nn.Module) -> set[int]:
+            return {id(p) for m in modules for p in m.parameters()}
+
+        stem = self.vision.stem
+        loaded: set[int] = set()
         if vc.pretrained:
             self.vision.load_pretrained(vc.pretrained)
+            adaptors = [layer.adaptor for layer in self.vision.layers if layer.adaptor is not None]
+            loaded |= ids(self.vision) - ids(*adaptors)
+            if not stem.weights_in_backbone:
+                loaded -= ids(stem)
         if vc.stem_pretrained != NO_WEIGHTS:
             self.vision.stem.load_pretrained(vc.stem_pretrained)
+            if not stem.weights_in_backbone and (vc.stem_pretrained or stem.default_pretrained):
+                loaded |= ids(stem) - ids(*stem.always_trainable())
         if lc.pretrained:
-            self.language.load_pretrained(lc.pretrained)
+            missing = set(self.language.load_pretrained(lc.pretrained))
+            loaded |= {id(p) for n, p in self.language.named_parameters() if n not in missing}
+        self.pretrained_names |= {n for n, p in self.named_parameters() if id(p) in loaded}
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters that no pretrained weights initialised (``pretrained_names``):
+        cross-attention, adaptors, output layer, resampler, expert stems, a stem's projection,
+        a vision transformer without ``vision.pretrained``... (``train.new_lr``)."""
+        return [
+            p
+            for n, p in self.named_parameters()
+            if p.requires_grad and n not in self.pretrained_names
+        ]
 
     # -- freezing -----------------------------------------------------------------------------
     def trainable_parameters(self, stage: str = "pretrain") -> list[nn.Parameter]:
@@ -433,6 +460,12 @@ class PrismerModel(nn.Module):
         emb = self.instance_embedding.to(feats.dtype)[lut[sampled.long().to(feats.device)]]
         return feats + emb.permute(0, 3, 1, 2)
 
+    def stem_features(self, images: Tensor) -> Tensor | None:
+        """The image stem's frozen part's output ``(B, C, g, g)`` for ``images (B, 3, S, S)`` in
+        [0, 1] (None when nothing in the stem is frozen): a pure function of each image, which
+        :meth:`encode_image` and :meth:`forward` take back as ``stem_features``."""
+        return self.vision.stem.frozen_features(self.check_images(images))
+
     # -- model --------------------------------------------------------------------------------
     def encode_image(
         self,
@@ -443,6 +476,7 @@ class PrismerModel(nn.Module):
         *,
         instance_rows: Tensor | None = None,
         trace: dict[str, Tensor] | None = None,
+        stem_features: Tensor | None = None,
     ) -> Tensor:
         """``(B, 3, S, S)`` RGB in [0, 1] (+ expert labels) -> vision tokens ``(B, N, D)``:
         ``S^2 / P^2`` RGB tokens, then the resampler's latents when experts are enabled.
@@ -450,9 +484,11 @@ class PrismerModel(nn.Module):
         ``text (B, Tt, D)``: further tokens encoded with the image in one bidirectional pass
         (SimVLM's joint encoder), appended after the image tokens; ``text_mask (B, Tt)`` 1 =
         token, 0 = padding; the output is then ``(B, N + Tt, D)``. ``trace`` (a dict) receives
-        the intermediate tensors ``resampler_in``, ``resampler_out`` and ``ln_pre_in``."""
+        the intermediate tensors ``resampler_in``, ``resampler_out`` and ``ln_pre_in``.
+        ``stem_features``: :meth:`stem_features` of these images, computed earlier (a training
+        loop's per-image cache), so the frozen trunk does not run again."""
         x = self.check_images(images)
-        tokens = self.vision.embed(x)
+        tokens = self.vision.embed(x, stem_features)
         if self.resampler is not None:
             expert_tokens = []
             for slot, (m, inst) in zip(
@@ -493,9 +529,19 @@ class PrismerModel(nn.Module):
         labels: Tensor | None = None,
         experts: dict[str, ExpertInput] | None = None,
         prefix_len: Tensor | None = None,
+        stem_features: Tensor | None = None,
         **extra: object,
     ) -> PrismerOutput:
-        """With ``labels``: the configured objective's loss (and its parts); without: logits."""
+        """With ``labels``: the configured objective's loss (and its parts); without: logits.
+        ``stem_features``: :meth:`stem_features` of ``images`` (cached); objectives that declare
+        ``accepts_stem_features`` use them."""
+        if stem_features is not None:
+            if not getattr(self.objective, "accepts_stem_features", False):
+                raise ValueError(
+                    f"objective {type(self.objective).__name__} does not take stem_features: "
+                    "turn train.cache_frozen_features off for this head"
+                )
+            extra["stem_features"] = stem_features
         if labels is not None:
             loss, parts = self.objective(
                 self,
@@ -508,7 +554,7 @@ class PrismerModel(nn.Module):
                 **extra,
             )
             return PrismerOutput(loss, None, parts)
-        vision = self.encode_image(images, experts)
+        vision = self.encode_image(images, experts, stem_features=stem_features)
         hidden, _ = self.language(input_ids, vision, attention_mask, prefix_len=prefix_len)
         return PrismerOutput(None, self.language.logits(hidden))
 

@@ -193,7 +193,16 @@ class VQAv2(VLDataset):
                 continue
             refs = [a["answer"] for a in ann.get("answers", [])] or [target]
             samples.append(
-                Sample(img, str(image_id), VQA_PROMPT.format(question), target, refs, where, "vqa")
+                Sample(
+                    img,
+                    str(image_id),
+                    VQA_PROMPT.format(question),
+                    target,
+                    refs,
+                    where,
+                    "vqa",
+                    question_type=ann.get("answer_type", ""),
+                )
             )
         bad.check()
         super().__init__(_subset(samples, fraction, seed), answers)

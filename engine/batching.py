@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 
 import numpy as np
 import torch
@@ -41,19 +41,61 @@ def _epoch_order(seed: int, epoch: int, n: int, stream: int = 0) -> np.ndarray:
     return np.random.default_rng(key).permutation(n)
 
 
+def image_key(data: VLDataset, i: int) -> Hashable:
+    """What identifies sample ``i``'s image: its file path (shared by every question about it),
+    or the sample's index for an image given as a tensor."""
+    image = data[i].image
+    return image if isinstance(image, str) else ("index", i)
+
+
 class ImageCache:
-    """Decoded images of a dataset at the model's size, cached (small sets) by index."""
+    """Decoded images of a dataset at the model's size, cached (small sets) per image: the
+    questions about one image share one entry."""
 
     def __init__(self, data: VLDataset, size: int) -> None:
         self.data, self.size, self.cache = data, size, {}
 
     def __call__(self, i: int) -> torch.Tensor:
-        if i not in self.cache:
+        key = image_key(self.data, i)
+        if key not in self.cache:
             img = self.data.image(i)
-            self.cache[i] = F.interpolate(
+            self.cache[key] = F.interpolate(
                 img[None], size=(self.size, self.size), mode="bicubic", antialias=True
             )[0].clamp(0, 1)
-        return self.cache[i]
+        return self.cache[key]
+
+
+class FeatureCache:
+    """The frozen image stem's output per image (``train.cache_frozen_features``): computed the
+    first time an image is seen, then reused at every later epoch. Valid only while the images
+    are the same tensors every time (no augmentation) and the stem's trunk stays frozen. Holds
+    at most ``max_mib`` MiB; images beyond that are recomputed each time."""
+
+    def __init__(self, max_mib: float) -> None:
+        self.max_bytes = int(max_mib * 2**20)
+        self.store: dict[Hashable, torch.Tensor] = {}
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    def __call__(self, model, keys: list[Hashable], pixels: torch.Tensor) -> torch.Tensor | None:
+        """``(B, C, g, g)`` stem features of ``pixels (B, 3, S, S)`` (whose images are
+        ``keys``), or None when the model's stem has no frozen part."""
+        todo = [j for j, k in enumerate(keys) if k not in self.store]
+        fresh: dict[Hashable, torch.Tensor] = {}
+        if todo:
+            feats = model.stem_features(pixels[todo])
+            if feats is None:
+                return None
+            for j, f in zip(todo, feats, strict=True):
+                f = f.clone()  # no view of the batch's buffer: only this row is kept
+                fresh[keys[j]] = f
+                size = f.numel() * f.element_size()
+                if keys[j] not in self.store and self.bytes + size <= self.max_bytes:
+                    self.store[keys[j]] = f
+                    self.bytes += size
+        self.misses += len(todo)
+        self.hits += len(keys) - len(todo)
+        return torch.stack([self.store.get(k, fresh.get(k)) for k in keys])
 
 
 def iter_batches(data: VLDataset, batch_size: int, limit: int | None = None) -> Iterator[list[int]]:

@@ -1,8 +1,10 @@
 """The embedded run: offline, on a laptop CPU, Prismer vs PrismerZ on easy-vqa, end to end.
 
 Trains the offline default with experts (Prismer) and without (PrismerZ) on the same budget,
-on easy-vqa's questions plus captions derived from its annotations; evaluates both on the test
-split (VQA accuracy, BLEU-4 / CIDEr-D); writes a report folder and prints a table.
+on easy-vqa's questions plus captions derived from its annotations; evaluates both on the whole
+test split (VQA accuracy overall and per question type, BLEU-4 / CIDEr-D on every test image's
+caption); writes a report folder and prints a table. ``--experts A B ...`` runs the expert
+ablation instead: one Prismer per expert, each alone, against PrismerZ.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from prismkit.core.config import resolve_config
@@ -19,20 +21,62 @@ from prismkit.core.host import get_plugin_manager
 from prismkit.core.io import atomic_write
 from prismkit.engine.train import DataConfig, EvalConfig, RunConfig, TrainConfig, train
 
-VARIANTS = (("Prismer", "offline_default"), ("PrismerZ", "offline_default_z"))
+PRISMER, PRISMER_Z = "offline_default", "offline_default_z"
+# easy-vqa's question kinds (``datasets.easyvqa.question_type``), as the table heads them
+QUESTION_TYPES = {
+    "shape": "shape",
+    "color": "colour",
+    "yes_no_shape": "y/n shape",
+    "yes_no_color": "y/n colour",
+}
+VQA = "easyvqa/vqa_accuracy"
 METRICS = (
-    "easyvqa/vqa_accuracy",
+    VQA,
+    *(f"{VQA}/{t}" for t in QUESTION_TYPES),
     "easyvqa/vqa_accuracy_open",
     "easyvqa_captions/bleu4",
     "easyvqa_captions/cider",
 )
+HEADS = ("VQA acc", *QUESTION_TYPES.values(), "VQA open", "BLEU-4", "CIDEr")
+SCORED = ("easyvqa/samples", "easyvqa_captions/samples")
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    config: str
+    # the model's experts; None = the config's own
+    experts: tuple[str, ...] | None = None
+
+    @property
+    def folder(self) -> str:
+        return self.config if self.experts is None else f"{self.config}-{'+'.join(self.experts)}"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/embedded", help="report folder")
-    p.add_argument("--steps", type=int, default=400, help="optimiser steps per run")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--steps", type=int, default=720, help="optimiser steps per run")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    p.add_argument(
+        "--new-lr",
+        type=float,
+        default=None,
+        help="peak learning rate of the newly initialised parts (train.new_lr; default: --lr)",
+    )
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        help="the language model's dropout and attention dropout (the offline default: 0.1); "
+        "off for a run shorter than an epoch",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="bf16",
+        help="bf16 autocast (fast on CPUs with AVX512-BF16/AMX) or fp32 (auto: fp32 on the CPU)",
+    )
     p.add_argument(
         "--stage",
         choices=("pretrain", "finetune"),
@@ -51,8 +95,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--eval-questions",
         type=int,
-        default=1000,
-        help="test questions (and caption images) evaluated",
+        default=-1,
+        help="test questions (and caption images) scored; -1 = the whole test split",
+    )
+    p.add_argument(
+        "--experts",
+        nargs="+",
+        default=None,
+        help="expert ablation: one Prismer per expert named, each alone, against PrismerZ "
+        "(default: Prismer with the offline default's experts)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=4,
+        help="VQA ranking: the k likeliest answers by first token are fully scored (Prismer's "
+        "k_test); 0 = all 13",
+    )
+    p.add_argument(
+        "--vqa-open",
+        action="store_true",
+        help="also generate every test answer by beam search (VQA open; slow on the CPU)",
+    )
+    p.add_argument(
+        "--no-feature-cache",
+        action="store_true",
+        help="recompute the frozen image trunk at every step (train.cache_frozen_features off)",
     )
 
 
@@ -66,20 +134,38 @@ def main(argv: list[str] | None = None) -> int:
     return run(build_parser().parse_args(argv))
 
 
+def variants(experts: list[str] | None) -> list[Variant]:
+    if not experts:
+        return [Variant("Prismer", PRISMER), Variant("PrismerZ", PRISMER_Z)]
+    # the baseline first: an interrupted ablation still has something to compare against
+    return [Variant("PrismerZ", PRISMER_Z)] + [
+        Variant(f"Prismer[{e}]", PRISMER, (e,)) for e in experts
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     host = getattr(args, "host", None) or get_plugin_manager()
     t0 = time.time()
-    _gallery(host, out)
-    labels = _precompute_labels(host, out / "labels")
+    todo = variants(args.experts)
+    experts = sorted(
+        {e for v in todo for e in (v.experts or resolve_config(host, v.config).experts)}
+    )
+    _gallery(host, experts, out)
+    labels = _precompute_labels(host, experts, out / "labels")
     runs = []
     for fraction in args.fractions:
         for seed in args.seeds:
-            for label, config in VARIANTS:
-                model_cfg = resolve_config(host, config)
+            for v in todo:
+                model_cfg = resolve_config(host, v.config)
                 model_cfg.vision = replace(model_cfg.vision, image_size=args.image_size)
-                run_dir = out / f"{config}-f{fraction:g}-s{seed}"
+                model_cfg.language = replace(
+                    model_cfg.language, dropout=args.dropout, attention_dropout=args.dropout
+                )
+                if v.experts is not None:
+                    model_cfg.experts = list(v.experts)
+                run_dir = out / f"{v.folder}-f{fraction:g}-s{seed}"
                 run = RunConfig(
                     data=DataConfig(
                         dataset="easyvqa+easyvqa_captions", fraction=fraction, labels=labels
@@ -88,28 +174,46 @@ def run(args: argparse.Namespace) -> int:
                         steps=args.steps,
                         batch_size=args.batch_size,
                         lr=args.lr,
+                        new_lr=args.new_lr,
+                        precision=args.precision,
                         stage=args.stage,
                         warmup=max(1, args.steps // 10),
                         seed=seed,
+                        cache_frozen_features=not args.no_feature_cache,
                         eval_questions=args.eval_questions,
-                        log_every=50,
+                        log_every=100,
                         out_dir=str(run_dir),
                     ),
                     # the table shows BLEU-4 and CIDEr-D: no Java metrics (METEOR, SPICE)
-                    eval=EvalConfig(beams=3, max_length=10, min_length=1, java_metrics="off"),
+                    eval=EvalConfig(
+                        beams=3,
+                        max_length=10,
+                        min_length=1,
+                        top_k=args.top_k or None,
+                        vqa_open=args.vqa_open,
+                        java_metrics="off",
+                    ),
                 )
-                print(f"\n=== {label} ({config}), {fraction:.0%} of the training data, seed {seed}")
-                result = train(model_cfg, run, host, overwrite=True)  # the report is rebuilt
+                print(
+                    f"\n=== {v.label} ({v.folder}), {fraction:.0%} of the training data, seed {seed}"
+                )
+                result = _done(run_dir, model_cfg, run)
+                if result is None:  # an unfinished run of the demo's own is redone
+                    result = train(model_cfg, run, host, overwrite=True)
+                    _record(run_dir, model_cfg, run)
+                else:
+                    print(f"reusing the finished run in {run_dir} (same model and settings)")
                 runs.append(
                     {
-                        "variant": label,
-                        "config": config,
+                        "variant": v.label,
+                        "config": v.config,
+                        "experts": model_cfg.experts,
                         "fraction": fraction,
                         "seed": seed,
                         **result,
                     }
                 )
-    summary = _summarise(runs)
+    summary = _summarise(runs, [v.label for v in todo])
     report = {
         "runs": runs,
         "summary": summary,
@@ -126,13 +230,47 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summarise(runs: list[dict]) -> list[dict]:
+def _settings(model_cfg, run: RunConfig) -> dict:
+    return json.loads(json.dumps({"model": model_cfg.to_dict(), "run": asdict(run)}))
+
+
+def _done(run_dir: Path, model_cfg, run: RunConfig) -> dict | None:
+    """The result of a finished run in ``run_dir`` with the same model and settings (an
+    interrupted or sharded ablation continues where it stopped); None when the folder is new.
+    A folder holding anything else is refused, never overwritten."""
+    if not run_dir.exists():
+        return None
+    record, result = run_dir / "demo_run.json", run_dir / "result.json"
+    same = record.is_file() and json.loads(record.read_text()) == _settings(model_cfg, run)
+    if same and result.is_file():
+        done = json.loads(result.read_text())
+        if "eval" in done:
+            return done
+    raise SystemExit(
+        f"prismkit demo: {run_dir} already holds another or an unfinished run; "
+        "remove it or choose another --out"
+    )
+
+
+def _record(run_dir: Path, model_cfg, run: RunConfig) -> None:
+    atomic_write(
+        run_dir / "demo_run.json",
+        lambda tmp: Path(tmp).write_text(json.dumps(_settings(model_cfg, run), indent=1)),
+    )
+
+
+def _summarise(runs: list[dict], labels: list[str]) -> list[dict]:
+    """One row per variant and data fraction: each metric's mean and standard deviation over
+    seeds, the questions and caption images scored, train seconds and peak memory."""
     rows = []
     for fraction in sorted({r["fraction"] for r in runs}, reverse=True):
-        for label, _ in VARIANTS:
+        for label in labels:
             sel = [r for r in runs if r["variant"] == label and r["fraction"] == fraction]
+            if not sel:
+                continue
             row = {
                 "variant": label,
+                "experts": sel[0]["experts"],
                 "fraction": fraction,
                 "seeds": len(sel),
                 "train_seconds": statistics.mean(r["train_seconds"] for r in sel),
@@ -143,37 +281,59 @@ def _summarise(runs: list[dict]) -> list[dict]:
                 if vals:
                     row[m] = statistics.mean(vals)
                     row[m + " std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            for m in SCORED:
+                counts = {r["eval"][m] for r in sel if m in r.get("eval", {})}
+                if counts:
+                    row[m] = int(min(counts))
             rows.append(row)
     return rows
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'model':<10}{'data':>6}{'seeds':>6}{'VQA acc':>16}{'VQA open':>16}{'BLEU-4':>16}{'CIDEr':>16}{'train s':>9}{'peak MiB':>10}"
+    """Accuracy overall and per question type, open-ended accuracy, caption scores; ``± std``
+    over seeds when there are several."""
+    seeds = max(r["seeds"] for r in rows)
+    width = 15 if seeds > 1 else 11
+    name = max(10, *(len(r["variant"]) + 1 for r in rows))
+    # a metric no run measured (VQA open without --vqa-open) gets no column
+    shown = [(m, h) for m, h in zip(METRICS, HEADS, strict=True) if any(m in r for r in rows)]
+    head = f"{'model':<{name}}{'data':>5}{'seeds':>6}" + "".join(f"{h:>{width}}" for _, h in shown)
+    head += f"{'questions':>10}{'captions':>9}{'train s':>8}{'peak MiB':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        cells = "".join(
-            f"{r.get(m, float('nan')):>9.3f} ±{r.get(m + ' std', 0):.3f}" for m in METRICS
-        )
+        cells = ""
+        for m, _ in shown:
+            v = r.get(m, float("nan"))
+            cell = f"{v:.3f}" + (f" ±{r.get(m + ' std', 0):.3f}" if seeds > 1 else "")
+            cells += f"{cell:>{width}}"
         lines.append(
-            f"{r['variant']:<10}{r['fraction']:>6.0%}{r['seeds']:>6}{cells}{r['train_seconds']:>9.0f}{r['peak_rss_mib']:>10.0f}"
+            f"{r['variant']:<{name}}{r['fraction']:>5.0%}{r['seeds']:>6}{cells}"
+            f"{r.get(SCORED[0], 0):>10}{r.get(SCORED[1], 0):>9}"
+            f"{r['train_seconds']:>8.0f}{r['peak_rss_mib']:>9.0f}"
         )
-    lines.append("peak MiB: the process's peak resident memory when the run ended (runs share it)")
+    lines.append(
+        "VQA acc: Prismer's closed-set ranking of easy-vqa's 13 answers (the --top-k likeliest "
+        "by first token fully scored; overall, then per question type); VQA open (--vqa-open): "
+        "beam search; questions / captions: test questions and test images scored; "
+        "peak MiB: the process's peak resident memory when the run ended (runs share it)"
+    )
     return "\n".join(lines)
 
 
-def _precompute_labels(host, root: Path) -> str:
-    """Label every easy-vqa image (train and test) with Prismer's experts into a label store once;
-    training then reads the labels instead of re-running the experts every step."""
+def _precompute_labels(host, experts: list[str], root: Path) -> str:
+    """Label every easy-vqa image (train and test) with the runs' experts into a label store
+    once; training and evaluation then read the labels instead of running the experts."""
     from prismkit.labels.runner import run_experts
     from prismkit.labels.store import LabelStore
 
+    if not experts:
+        return ""
     t = time.time()
-    experts = {n: host.expert(n)() for n in resolve_config(host, VARIANTS[0][1]).experts}
     reader = host.datasets.get("easyvqa")
     paths = sorted({s.image for split in ("train", "test") for s in reader(split=split).samples})
     report = run_experts(
         paths,
-        experts,
+        {n: host.expert(n)() for n in experts},
         LabelStore(root),
         batch_size=64,
         num_workers=1,
@@ -190,11 +350,12 @@ def _precompute_labels(host, root: Path) -> str:
     return str(root)
 
 
-def _gallery(host, out: Path) -> None:
-    """The enabled experts of the offline default on a few easy-vqa test images."""
+def _gallery(host, experts: list[str], out: Path) -> None:
+    """The runs' experts on a few easy-vqa test images."""
     from prismkit.labels.gallery import render_gallery
 
+    if not experts:
+        return
     data = host.datasets.get("easyvqa")(split="test")
     images = sorted({data[i].image for i in range(0, 40, 10)})
-    experts = {n: host.expert(n)() for n in resolve_config(host, VARIANTS[0][1]).experts}
-    render_gallery(images, experts, out / "gallery.png")
+    render_gallery(images, {n: host.expert(n)() for n in experts}, out / "gallery.png")

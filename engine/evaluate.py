@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -64,15 +65,18 @@ class Predictor:
         ids = ids or [f"image-{n}" for n in range(b)]
         if text["input_ids"].shape[0] != b:
             raise ValueError(f"{b} images but {text['input_ids'].shape[0]} prompts or questions")
+        input_ids, mask = text["input_ids"].to(device), text["attention_mask"].to(device)
         with torch.no_grad():
-            experts = self.feeder(pixels, ids)
-            return generation_inputs(
-                self.model,
-                pixels,
-                experts,
-                text["input_ids"].to(device),
-                text["attention_mask"].to(device),
-            )
+            if getattr(self.model.objective, "generation_inputs", None) is not None:
+                experts = self.feeder(pixels, ids)
+                return generation_inputs(self.model, pixels, experts, input_ids, mask)
+            # images with one id (the questions about one image) are encoded once
+            first = {i: n for n, i in reversed(list(enumerate(ids)))}
+            unique = sorted(first.values())
+            where = torch.tensor([unique.index(first[i]) for i in ids], device=device)
+            pixels = pixels[unique]
+            vision = self.model.encode_image(pixels, self.feeder(pixels, [ids[n] for n in unique]))
+            return self.model.language, vision[where], input_ids, mask
 
     @staticmethod
     def _count(images: Sequence[ImageLike] | torch.Tensor) -> int:
@@ -209,7 +213,7 @@ def evaluate(
     total = len(data) if limit is None else min(limit, len(data))
     bar = Progress(total, f"eval {data.name}", unit="sample")
     if data.task == "vqa":
-        closed, opened, refs = [], [], []
+        closed, opened, refs, types = [], [], [], []
         for idx in iter_batches(data, batch_size, limit):
             bar.update(len(idx))
             samples = [data[i] for i in idx]
@@ -217,15 +221,21 @@ def evaluate(
             ids = [label_key(s) for s in samples]
             questions = [s.prompt for s in samples]
             closed += pred.answer(pixels, questions, data.answer_list, top_k=cfg.top_k, ids=ids)
-            opened += pred.answer(pixels, questions, None, ids=ids)
+            if cfg.vqa_open:
+                opened += pred.answer(pixels, questions, None, ids=ids)
             refs += [s.references or [s.target] for s in samples]
+            types += [s.question_type for s in samples]
             n += len(idx)
         bar.close()
-        return {
-            "vqa_accuracy": metrics.vqa_accuracy(closed, refs),
-            "vqa_accuracy_open": metrics.vqa_accuracy(opened, refs),
-            "samples": float(n),
-        }
+        out = {"vqa_accuracy": metrics.vqa_accuracy(closed, refs)}
+        if opened:
+            out["vqa_accuracy_open"] = metrics.vqa_accuracy(opened, refs)
+        out["samples"] = float(n)
+        # per question type (closed-set ranking): "vqa_accuracy/yes_no_color", "samples/..."
+        for t, (acc, count) in metrics.vqa_accuracy_by_type(closed, refs, types).items():
+            key = re.sub(r"\W+", "_", t)
+            out[f"vqa_accuracy/{key}"], out[f"samples/{key}"] = acc, float(count)
+        return out
     if data.task == "caption":
         preds, refs = {}, {}
         beam = BeamConfig(beams=cfg.beams, max_length=cfg.max_length, min_length=cfg.min_length)

@@ -525,6 +525,27 @@ def vqa_accuracy(
     return float(np.mean(vqa_scores(predictions, answers, normalize_answers=normalize_answers)))
 
 
+def vqa_accuracy_by_type(
+    predictions: Sequence[str],
+    answers: Sequence[Sequence[str]],
+    types: Sequence[str],
+    *,
+    normalize_answers: bool = False,
+) -> dict[str, tuple[float, int]]:
+    """``{type: (mean VQA accuracy, questions)}`` over the questions of each non-empty type
+    (VQAv2's answer types, easy-vqa's question kinds), sorted by type name."""
+    if len(types) != len(predictions):
+        raise ValueError(
+            f"vqa_accuracy_by_type: {len(predictions)} predictions, {len(types)} types"
+        )
+    scores = vqa_scores(predictions, answers, normalize_answers=normalize_answers)
+    groups: dict[str, list[float]] = {}
+    for t, s in zip(types, scores, strict=True):
+        if t:
+            groups.setdefault(t, []).append(s)
+    return {t: (float(np.mean(v)), len(v)) for t, v in sorted(groups.items())}
+
+
 # --------------------------------------------------------------------------------------------
 # Classification
 # --------------------------------------------------------------------------------------------

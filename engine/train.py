@@ -32,7 +32,7 @@ from prismkit.core.model import PrismerModel, create_model
 from prismkit.core.preflight import require_weights
 from prismkit.core.processor import Processor, drop_empty
 from prismkit.engine.augment import AugmentConfig, augment_batch
-from prismkit.engine.batching import ImageCache, batch_indices
+from prismkit.engine.batching import FeatureCache, ImageCache, batch_indices, image_key
 from prismkit.engine.stream import StreamFeed, StreamingDataset
 from prismkit.engine.validate import validate_dataset
 from prismkit.labels.feeder import ExpertFeeder
@@ -105,6 +105,10 @@ class TrainConfig:
     grad_accum: int = 1
     # peak learning rate (AdamW)
     lr: float = 3e-4
+    # peak learning rate of the parameters no pretrained weights initialised (cross-attention,
+    # adaptors, resampler, expert stems, a vision transformer without vision.pretrained); the
+    # schedule scales it as lr; unset = lr
+    new_lr: float | None = None
     # AdamW weight decay on matrices (and on norms, biases, embeddings with decay_all)
     weight_decay: float = 0.05
     # decay every trainable tensor, as the reference's AdamW does
@@ -127,9 +131,14 @@ class TrainConfig:
     precision: str = "auto"
     # recompute activations in the backward pass to save memory
     gradient_checkpointing: bool = False
+    # keep the frozen image stem's output (a pretrained CNN trunk) per image after its first
+    # use, so later epochs skip it; needs data.augment off
+    cache_frozen_features: bool = False
+    # most memory that cache may hold (MiB); images beyond it are recomputed every time
+    feature_cache_mib: float = 4096
     # fraction of the training questions used (kept for the short CLI; same as data.fraction)
     fraction: float = 1.0
-    # test samples evaluated at the end (0 = none)
+    # test samples evaluated at the end (0 = none, -1 = the whole split)
     eval_questions: int = 500
     # random seed
     seed: int = 0
@@ -157,6 +166,9 @@ class EvalConfig:
     # captions: METEOR and SPICE through pycocoevalcap's Java tools: "auto" (when Java and the
     # tools are here, else a one-line note), "on" (an error when they are not) or "off"
     java_metrics: str = "auto"
+    # VQA: also generate answers (beam search, the reference's "generate" lengths) and report
+    # vqa_accuracy_open beside the closed-set ranking's vqa_accuracy
+    vqa_open: bool = True
 
 
 @dataclass
@@ -186,8 +198,14 @@ class RunConfig:
 
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             need(getattr(t, name) >= 1, f"train.{name}", "at least 1", getattr(t, name))
-        for name in ("warmup", "save_every", "eval_questions"):
+        for name in ("warmup", "save_every"):
             need(getattr(t, name) >= 0, f"train.{name}", "0 or more", getattr(t, name))
+        need(
+            t.eval_questions >= -1,
+            "train.eval_questions",
+            "-1 (all), 0 (none) or more",
+            t.eval_questions,
+        )
         need(math.isfinite(t.lr) and t.lr > 0, "train.lr", "a positive number", t.lr)
         need(t.weight_decay >= 0, "train.weight_decay", "0 or more", t.weight_decay)
         need(t.clip > 0, "train.clip", "a positive number", t.clip)
@@ -232,6 +250,17 @@ def peak_memory_mib() -> dict[str, float]:
     return out
 
 
+def _release_accelerator_state(precision: str) -> None:
+    """accelerate keeps one process-wide state and refuses a second ``Accelerator`` with another
+    precision; a single-process run (a notebook, a demo training fp32 then bf16) starts afresh."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state:
+        state = AcceleratorState()
+        if state.num_processes == 1 and state.mixed_precision != precision:
+            AcceleratorState._reset_state()
+
+
 def lr_at(step: int, cfg: TrainConfig, steps_per_epoch: int = 1) -> float:
     """Linear warm-up from ``warmup_start_lr`` to ``lr`` over ``warmup`` steps, then cosine decay
     to ``min_lr`` (default 10% of ``lr``) by the last step, or, with ``cosine_per_epoch``, by
@@ -248,16 +277,25 @@ def lr_at(step: int, cfg: TrainConfig, steps_per_epoch: int = 1) -> float:
 
 
 def configure_optimizer(model: PrismerModel, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters only: decay on matrices, none on vectors/embeddings."""
-    decay, no_decay = [], []
+    """AdamW over trainable parameters only: decay on matrices, none on vectors/embeddings; with
+    ``new_lr``, the newly initialised parameters (``model.new_parameters()``) in groups of their
+    own. Each group's ``lr_scale`` multiplies the scheduled rate."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    new = {id(p) for p in model.new_parameters()} if cfg.new_lr is not None else set()
+    scale = {False: 1.0, True: (cfg.new_lr or cfg.lr) / cfg.lr}
+    buckets: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for p in model.parameters():
         if p.requires_grad:
             matrix = p.dim() >= 2 and id(p) not in embeddings
-            (decay if matrix or cfg.decay_all else no_decay).append(p)
+            buckets.setdefault((matrix or cfg.decay_all, id(p) in new), []).append(p)
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {
+            "params": buckets.get((decay, is_new), []),
+            "weight_decay": cfg.weight_decay if decay else 0.0,
+            "lr_scale": scale[is_new],
+        }
+        for is_new in (False, True)
+        for decay in (True, False)
     ]
     # fused: one kernel per parameter, no temporaries (CPU and CUDA): 42 ms vs 391 ms per step
     # for 98M fp32 parameters on 2 CPU cores
@@ -428,6 +466,7 @@ def train(
     host = host or get_plugin_manager()
     cuda = torch.cuda.is_available()
     precision = {"auto": "bf16" if cuda else "no", "fp32": "no", "bf16": "bf16"}[cfg.precision]
+    _release_accelerator_state(precision)
     acc = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision, cpu=not cuda
     )
@@ -540,6 +579,20 @@ def train(
         )
         acc.print(f"checked {len(data)} samples in {time.time() - t_check:.1f}s")
     images = None if streaming else ImageCache(data, aug.source_size or model_cfg.vision.image_size)
+    features = None
+    if cfg.cache_frozen_features:
+        if aug.enabled or streaming:
+            raise ConfigError(
+                "train.cache_frozen_features needs data.augment off and a map-style dataset: "
+                "augmented images differ at every step and streamed ones are not revisited by "
+                "index; turn one of them off"
+            )
+        if not getattr(getattr(model, "objective", None), "accepts_stem_features", False):
+            raise ConfigError(
+                f"train.cache_frozen_features: head {model_cfg.head!r} does not take cached stem "
+                "features; set train.cache_frozen_features = false"
+            )
+        features = FeatureCache(cfg.feature_cache_mib)
     opt = configure_optimizer(model, cfg)
     step, log = 0, []
     state_dir = out_dir / "last"
@@ -609,7 +662,7 @@ def train(
             "bad": int(t[-1]),
         }
 
-    t_train = time.time()
+    t_train, cpu_train = time.time(), time.process_time()
     model.train()
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
     interrupted = None
@@ -617,7 +670,7 @@ def train(
     with _StopRequest() as stop:
         while step < end:
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg, steps_per_epoch)
+                g["lr"] = lr_at(step, cfg, steps_per_epoch) * g.get("lr_scale", 1.0)
             total = 0.0
             parts: dict[str, float] = {}
             raw.begin_step(step)  # schedules (momentum, ramps, warm-ups) count optimizer steps
@@ -643,7 +696,9 @@ def train(
                     idx = [valid[i] for i in pos]
                     samples = [data[i] for i in idx]
                     if text_data is not None:
-                        t_idx = batch_indices(step, micro, rank, world, cfg, len(text_data), n_text, 1)
+                        t_idx = batch_indices(
+                            step, micro, rank, world, cfg, len(text_data), n_text, 1
+                        )
                         samples += [text_data[i] for i in t_idx]
                     # images (and expert labels) of the rows that have one, in batch order
                     with_image = [i for i in idx if data[i].image is not None]
@@ -672,6 +727,9 @@ def train(
                             pixels, experts = augment_batch(
                                 pixels, experts, model_cfg.vision.image_size, aug
                             )
+                    if features is not None:  # the frozen trunk's output, once per image
+                        keys = [image_key(data, i) for i in with_image]
+                        batch["stem_features"] = features(raw, keys, pixels)
                 with acc.accumulate(model), acc.autocast():
                     out = model(pixels, **batch, experts=experts)
                     loss = out.loss
@@ -754,6 +812,8 @@ def train(
         "out_dir": str(out_dir),
         "steps": step,
         "train_seconds": round(train_s, 1),
+        # CPU time of this process (all its threads): on a shared machine, what the work costs
+        "train_cpu_seconds": round(time.process_time() - cpu_train, 1),
         **peak_memory_mib(),
         "first_loss": log[0]["loss"] if log else None,
         "final_loss": log[-1]["loss"] if log else None,
@@ -764,6 +824,13 @@ def train(
     }
     if interrupted:
         result["interrupted"] = interrupted
+    if features is not None:
+        result["feature_cache"] = {
+            "images": len(features.store),
+            "mib": round(features.bytes / 2**20, 1),
+            "hits": features.hits,
+            "misses": features.misses,
+        }
     if acc.num_processes > 1:  # DDP keeps replicas equal: check it, do not assume it
         checksum = (
             torch.stack([p.detach().double().sum() for p in raw.parameters() if p.requires_grad])
@@ -802,21 +869,24 @@ def train(
         from prismkit.engine.evaluate import evaluate_datasets
 
         spec = dcfg.eval_dataset or dcfg.dataset
-        metrics = evaluate_datasets(
-            raw,
-            processor,
-            host,
-            spec,
-            dcfg.eval_split,
-            dcfg.options if dcfg.eval_options is None else dcfg.eval_options,
-            feeder,
-            run.eval,
-            cfg.eval_questions,
-        )
+        t_eval, cpu_eval = time.time(), time.process_time()
+        with acc.autocast():  # the training's precision (bf16 autocast or fp32)
+            metrics = evaluate_datasets(
+                raw,
+                processor,
+                host,
+                spec,
+                dcfg.eval_split,
+                dcfg.options if dcfg.eval_options is None else dcfg.eval_options,
+                feeder,
+                run.eval,
+                None if cfg.eval_questions < 0 else cfg.eval_questions,
+            )
         result["eval"] = metrics
+        result["eval_seconds"] = round(time.time() - t_eval, 1)
+        result["eval_cpu_seconds"] = round(time.process_time() - cpu_eval, 1)
         acc.print(
-            "eval: "
-            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("samples"))
+            "eval: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "samples" not in k)
         )
         if writer is not None:
             for k, v in metrics.items():
@@ -872,6 +942,8 @@ def sample_extras(samples: list, device: torch.device) -> dict[str, torch.Tensor
     return {
         k: torch.stack([torch.as_tensor(s.extras[k]) for s in samples]).to(device) for k in keys
     }
+
+
 def _stream_labels(root: str, model: PrismerModel, host: PluginHost):
     """The shard label store at ``root`` read by the loader workers, for the model's experts."""
     from prismkit.labels.shard_store import StreamLabels
@@ -915,7 +987,7 @@ def plot_curves(log: list[dict], metrics: dict, path: Path) -> None:
     shown = [
         f"{k} {v:.3f}"
         for k, v in metrics.items()
-        if isinstance(v, float) and not k.endswith("samples")
+        if isinstance(v, float) and "samples" not in k and "vqa_accuracy/" not in k
     ]
     lines = [", ".join(shown[i : i + 2]) for i in range(0, len(shown), 2)]  # two metrics a line
     ax.set_title("\n".join(lines) or "training", fontsize=8)

@@ -30,7 +30,13 @@ class PrefixDecoder:
         if self.prefix_len is None:
             mask = input_ids.new_ones(input_ids.shape) if attention_mask is None else attention_mask
             self.prefix_len = mask.sum(1)
-        elif self.prefix_len.shape[0] != input_ids.shape[0]:
+        elif input_ids.shape[0] != self.prefix_len.shape[0]:
+            # the first call ran each prompt once (``decoder_step``: the same prompt for every
+            # beam); uncached re-runs hold ``beams`` rows per prompt, in prompt order
+            beams, rest = divmod(input_ids.shape[0], self.prefix_len.shape[0])
+            if beams > 1 and not rest:
+                self.prefix_len = self.prefix_len.repeat_interleave(beams)
+        if input_ids.shape[0] != self.prefix_len.shape[0]:
             raise ValueError(
                 f"prompt batch had {self.prefix_len.shape[0]} rows, this call {input_ids.shape[0]}"
             )

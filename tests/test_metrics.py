@@ -304,3 +304,29 @@ def test_vqa_single_reference_is_exact_match() -> None:
     assert vqa_accuracy(["circle", "Red", "no"], [["circle"], ["red"], ["yes"]]) == pytest.approx(
         2 / 3
     )
+
+
+def test_vqa_accuracy_by_type_groups_the_official_scores():
+    preds = ["yes", "red", "no", "circle", "two"]
+    refs = [["yes"], ["blue"], ["no"], ["circle"], ["2"] * 10]
+    types = ["yes/no", "other", "yes/no", "other", ""]
+    from prismkit.engine import metrics
+
+    by = metrics.vqa_accuracy_by_type(preds, refs, types)
+    assert by == {"other": (0.5, 2), "yes/no": (1.0, 2)}  # untyped questions are left out
+    with pytest.raises(ValueError, match="types"):
+        metrics.vqa_accuracy_by_type(preds, refs, types[:2])
+
+
+def test_easyvqa_question_types():
+    from prismkit.datasets.easyvqa import EasyVQA, question_type
+
+    assert question_type("what color is the circle?", "red") == "color"
+    assert question_type("what is the blue shape?", "triangle") == "shape"
+    assert question_type("is there not a red shape?", "yes") == "yes_no_color"
+    assert question_type("does the image contain a circle?", "no") == "yes_no_shape"
+    counts: dict[str, int] = {}
+    for s in EasyVQA(split="test").samples:
+        counts[s.question_type] = counts.get(s.question_type, 0) + 1
+    assert sorted(counts) == ["color", "shape", "yes_no_color", "yes_no_shape"]
+    assert sum(counts.values()) == 9673

@@ -51,6 +51,18 @@ class DecoderCache:
             None if self.cross_mask is None else _select_shared(self.cross_mask, index),
         )
 
+    def repeat_rows(self, index: Tensor) -> DecoderCache:
+        """Rows ``index`` (``g`` consecutive copies of each row: one input's beams) of the
+        per-row state; the cross-attention keys/values and their mask stay one row per input,
+        each serving its ``g`` rows (see :func:`_select_shared`)."""
+        return DecoderCache(
+            [(k[index], v[index]) for k, v in self.self_kv],
+            self.cross_kv,
+            self.key_mask[index],
+            self.real[index],
+            self.cross_mask,
+        )
+
 
 def _select_shared(t: Tensor | tuple[Tensor, Tensor], index: Tensor):
     """Rows ``index`` of keys/values ``(R, H, T, Dh)`` (a pair) or of their key mask ``(R, 1, 1,
@@ -85,6 +97,9 @@ class DecoderLayer(nn.Module):
                 c.width, c.heads, kv_width=vision_width, dropout=c.attention_dropout
             )
             self.cross_norm = LayerNorm32(c.width, eps=c.eps)
+            if c.cross_attention_zero_init:
+                nn.init.zeros_(self.cross_attn.out_proj.weight)
+                nn.init.zeros_(self.cross_attn.out_proj.bias)
         self.adaptor = adaptor
         self.fc1 = Linear(c.width, c.intermediate)
         self.fc2 = Linear(c.intermediate, c.width)

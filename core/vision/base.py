@@ -33,9 +33,18 @@ class ImageStem(nn.Module, ABC):
         """Parts that train even when the stem is frozen (a new projection on a frozen CNN)."""
         return []
 
+    def frozen_features(self, images: Tensor) -> Tensor | None:
+        """The output of the stem's frozen part (a pretrained CNN trunk) for ``images (B, 3, H,
+        W)`` (normalised), which :meth:`forward` takes back as ``features``; None when no part of
+        the stem is frozen. A pure function of each image while that part stays frozen (no
+        dropout, BatchNorm in eval mode), so a training loop may cache it per image
+        (``train.cache_frozen_features``)."""
+        return None
+
     @abstractmethod
-    def forward(self, images: Tensor) -> Tensor:
-        """``(B, 3, H, W) -> (B, width, H/patch_size, W/patch_size)``."""
+    def forward(self, images: Tensor, features: Tensor | None = None) -> Tensor:
+        """``(B, 3, H, W) -> (B, width, H/patch_size, W/patch_size)``; ``features`` (optional):
+        :meth:`frozen_features` of the same images, used instead of recomputing them."""
 
 
 class VisionBackbone(nn.Module):

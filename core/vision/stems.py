@@ -22,7 +22,7 @@ class PatchStem(ImageStem):
         super().__init__(width=width, patch_size=patch_size)
         self.proj = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor, features: Tensor | None = None) -> Tensor:
         return self.proj(images)
 
 
@@ -127,12 +127,40 @@ class EfficientNetLite0Stem(ImageStem):
                 m.eval()
         return self
 
-    def forward(self, images: Tensor) -> Tensor:
-        trunk = (self.conv_stem, self.bn1, self.blocks)
-        needs_grad = images.requires_grad or any(
-            p.requires_grad for m in trunk for p in m.parameters()
-        )
-        with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
-            x = images.contiguous(memory_format=torch.channels_last)
-            feats = self.blocks(self.bn1(self.conv_stem(x)))  # no activations kept when frozen
-        return self.proj(torch.cat([feats, self.colour(images)], dim=1))
+    def _trunk_frozen(self) -> bool:
+        return not any(p.requires_grad for m in self._trunk for p in m.parameters())
+
+    @property
+    def _trunk(self) -> tuple[nn.Module, ...]:
+        return (self.conv_stem, self.bn1, self.blocks)
+
+    def _run_trunk(self, images: Tensor) -> Tensor:
+        x = images.contiguous(memory_format=torch.channels_last)
+        return self.blocks(self.bn1(self.conv_stem(x)))
+
+    def frozen_features(self, images: Tensor) -> Tensor | None:
+        """The frozen trunk's ``(B, 112, H/16, W/16)`` features (None when it trains)."""
+        if not self._trunk_frozen():
+            return None
+        with torch.no_grad():
+            return self._run_trunk(images)
+
+    def forward(self, images: Tensor, features: Tensor | None = None) -> Tensor:
+        if features is None:
+            needs_grad = images.requires_grad or not self._trunk_frozen()
+            with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
+                features = self._run_trunk(images)  # no activations kept when frozen
+        elif not self._trunk_frozen():
+            raise ValueError(
+                "efficientnet_lite0 stem: features were given but the trunk trains; features "
+                "are only valid for a frozen trunk (vision.stem_frozen = true)"
+            )
+        else:
+            g = images.shape[-1] // 16
+            if features.shape != (images.shape[0], self.out_channels, g, g):
+                raise ValueError(
+                    f"efficientnet_lite0 stem: features are {tuple(features.shape)}; expected "
+                    f"{(images.shape[0], self.out_channels, g, g)} for images {tuple(images.shape)}"
+                )
+            features = features.to(images.dtype)
+        return self.proj(torch.cat([features, self.colour(images)], dim=1))

@@ -91,8 +91,10 @@ class ClipViT(VisionBackbone):
         """The positional embedding for a ``grid x grid`` token map (bicubic when it differs)."""
         return resize_pos_embed(self.position_embedding, grid)
 
-    def embed(self, images: Tensor) -> Tensor:
-        x = self.stem(images)
+    def embed(self, images: Tensor, stem_features: Tensor | None = None) -> Tensor:
+        """``(B, 3, S, S)`` normalised -> ``(B, G*G, D)``; ``stem_features``: the stem's
+        :meth:`~ImageStem.frozen_features` of these images (cached), or None."""
+        x = self.stem(images) if stem_features is None else self.stem(images, stem_features)
         if x.shape[-2:] != (self.grid, self.grid):
             raise ValueError(
                 f"stem produced a {tuple(x.shape[-2:])} grid; expected {(self.grid, self.grid)}"
