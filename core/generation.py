@@ -315,7 +315,8 @@ def rank_answers(
     if use_cache:
         # the last prompt column predicts each candidate's first token; the candidate's own
         # columns (run on the cached prompt) predict the rest
-        answers, _ = decoder(answer_ids[chosen], None, mask, cache=cache.select(rows))
+        # (each prompt's k rows share its cross-attention keys/values: ``repeat_rows``)
+        answers, _ = decoder(answer_ids[chosen], None, mask, cache=cache.repeat_rows(rows))
         hidden = torch.cat([hidden[rows, -1:], answers], dim=1)
         loss = sequence_losses(
             hidden, labels[:, prompt_ids.shape[1] - 1 :], decoder.logits, label_smoothing
