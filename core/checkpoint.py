@@ -129,4 +129,5 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
                 f"checkpoint {path}: {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}"
             )
     model.load_state_dict(state, strict=False)
-    model.pretrained_names |= set(state) & {n for n, _ in model.named_parameters()}
+    if hasattr(model, "pretrained_names"):  # the weights new_lr must not treat as new
+        model.pretrained_names |= set(state) & {n for n, _ in model.named_parameters()}

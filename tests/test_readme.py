@@ -24,15 +24,24 @@ def _blocks(lang: str) -> list[str]:
 
 
 def _commands(block: str) -> list[list[str]]:
-    """Each command of a bash block as argv (comments dropped, ``a ; b`` split)."""
+    """Each command of a bash block as argv (comments dropped, ``a ; b`` split; leading
+    ``VAR=value`` assignments and a ``nice -n N`` wrapper are not part of the command)."""
     out = []
     for line in block.replace("\\\n", " ").splitlines():  # join continued lines
         words = shlex.split(line, comments=True)
         while words:
             cut = words.index(";") if ";" in words else len(words)
-            out.append(words[:cut])
+            out.append(_unwrapped(words[:cut]))
             words = words[cut + 1 :]
     return [c for c in out if c]
+
+
+def _unwrapped(argv: list[str]) -> list[str]:
+    while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", argv[0]):
+        argv = argv[1:]
+    if argv[:2] == ["nice", "-n"]:
+        argv = argv[3:]
+    return argv
 
 
 ALL = [c for b in _blocks("bash") for c in _commands(b)]
