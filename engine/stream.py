@@ -448,6 +448,14 @@ class StreamFeed:
                     ]
                     path.write_text("".join(line + "\n" for line in kept))
 
+    def close(self) -> None:
+        """Stop the loader workers now (a run that ends mid-epoch leaves them reading ahead,
+        and a process whose iterator is not collected would wait for them at exit)."""
+        it, self._iter = self._iter, None
+        shutdown = getattr(it, "_shutdown_workers", None)  # torch's multi-worker iterator
+        if shutdown is not None:
+            shutdown()
+
     # reading ----------------------------------------------------------------------------------
     def _loader(self) -> Iterator[StreamBatch]:
         ds = _SlotStream(

@@ -6,6 +6,7 @@ Defaults live in the dataclasses below; a run config TOML has ``[data]``, ``[tra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -667,7 +668,8 @@ def train(
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
     interrupted = None
     data_error: DataError | None = None
-    with _StopRequest() as stop:
+    # the stream's loader workers stop with the loop, however it ends
+    with _StopRequest() as stop, contextlib.closing(feed) if feed else contextlib.nullcontext():
         while step < end:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg, steps_per_epoch) * g.get("lr_scale", 1.0)
