@@ -43,6 +43,7 @@ already done.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -72,7 +73,7 @@ class Source:
     weight: float = 1.0
 
 
-class StreamingDataset:
+class StreamingDataset(ABC):
     """Base of streaming readers. A subclass sets ``name`` and ``task`` and implements
     :meth:`decode`; the constructor takes the sources and the policies.
 
@@ -123,11 +124,11 @@ class StreamingDataset:
         self.on_error = on_error
         self.seed = int(seed)
 
+    @abstractmethod
     def decode(self, raw: dict[str, Any]) -> Sample:
         """One raw webdataset sample (``__key__``, ``__url__``, extension -> bytes) -> a
         ``Sample`` whose ``image`` is a decoded ``(3, H, W)`` tensor in [0, 1]. A bad sample
         raises ``DataError`` naming shard and key."""
-        raise NotImplementedError
 
     def epoch_shards(self, epoch: int) -> list[tuple[int, str]]:
         """``(source index, url)`` of every shard read in ``epoch``, in reading order."""

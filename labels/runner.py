@@ -323,17 +323,9 @@ class _Runner:
                 item.labels[expert.name] = roundtrip(one, expert.kind)
 
 
-def _worker(
-    paths: list[Path],
-    experts: dict[str, Expert],
-    root: str,
-    size: int | None,
-    batch_size: int,
-    threads: int,
-    index: int,
-    verify: bool = False,
-) -> RunReport:
-    """One spawned process: label ``paths`` (its share) into the store at ``root``."""
+def worker_log(experts: dict[str, Expert], threads: int, index: int) -> Log:
+    """In labelling process ``index``: its torch threads, a GPU for each expert left on the
+    default CUDA device (round-robin over the visible GPUs), and its log function."""
     torch.set_num_threads(threads)
     if torch.cuda.is_available() and torch.cuda.device_count() > 1:
         for e in experts.values():
@@ -343,6 +335,36 @@ def _worker(
     def log(msg: str) -> None:
         print(f"[worker {index}] {msg}", flush=True)
 
+    return log
+
+
+def fan_out(worker: Callable[..., RunReport], items: list, num_workers: int, *args) -> RunReport:
+    """``worker(items[i::num_workers], threads, i, *args)`` in ``num_workers`` spawned
+    processes (the machine's threads shared between them); their reports merged."""
+    threads = max(1, torch.get_num_threads() // num_workers)
+    report = RunReport()
+    with ProcessPoolExecutor(num_workers, mp_context=get_context("spawn")) as pool:
+        futures = [
+            pool.submit(worker, items[i::num_workers], threads, i, *args)
+            for i in range(num_workers)
+        ]
+        for f in futures:
+            report = report.merge(f.result())
+    return report
+
+
+def _worker(
+    paths: list[Path],
+    threads: int,
+    index: int,
+    experts: dict[str, Expert],
+    root: str,
+    size: int | None,
+    batch_size: int,
+    verify: bool = False,
+) -> RunReport:
+    """One spawned process: label ``paths`` (its share) into the store at ``root``."""
+    log = worker_log(experts, threads, index)
     return _Runner(experts, LabelStore(root, size), batch_size, log, verify, index).run(paths)
 
 
@@ -391,23 +413,8 @@ def run_experts(
         report = _Runner(experts, store, batch_size, log, verify).run(paths)
         report.stale_removed = stale
         return report
-    threads = max(1, torch.get_num_threads() // num_workers)
-    report = RunReport(stale_removed=stale)
-    with ProcessPoolExecutor(num_workers, mp_context=get_context("spawn")) as pool:
-        futures = [
-            pool.submit(
-                _worker,
-                paths[i::num_workers],
-                experts,
-                str(store.root),
-                store.size,
-                batch_size,
-                threads,
-                i,
-                verify,
-            )
-            for i in range(num_workers)
-        ]
-        for f in futures:
-            report = report.merge(f.result())
+    report = fan_out(
+        _worker, paths, num_workers, experts, str(store.root), store.size, batch_size, verify
+    )
+    report.stale_removed = stale
     return report

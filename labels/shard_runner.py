@@ -18,11 +18,7 @@ across ``num_workers`` spawned processes and, in each, reads shard after shard:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
-
-import torch
 
 from prismkit.core.data import DataError
 from prismkit.core.expert import Expert, LabelMap
@@ -35,8 +31,10 @@ from prismkit.labels.runner import (
     _Item,
     _Runner,
     dependency_order,
+    fan_out,
     parse_shard,
     resize_square,
+    worker_log,
 )
 from prismkit.labels.shard_store import ShardLabelStore
 
@@ -125,22 +123,14 @@ class _ShardRunner(_Runner):
 
 def _shard_worker(
     shards: list[str],
+    threads: int,
+    index: int,
     experts: dict[str, Expert],
     root: str,
     size: int | None,
     batch_size: int,
-    threads: int,
-    index: int,
 ) -> RunReport:
-    torch.set_num_threads(threads)
-    if torch.cuda.is_available() and torch.cuda.device_count() > 1:
-        for e in experts.values():
-            if e.device.type == "cuda" and e.device.index is None:
-                e.device = torch.device("cuda", index % torch.cuda.device_count())
-
-    def log(msg: str) -> None:
-        print(f"[worker {index}] {msg}", flush=True)
-
+    log = worker_log(experts, threads, index)
     return _label_shards(shards, experts, ShardLabelStore(root, size), batch_size, log, index)
 
 
@@ -187,22 +177,8 @@ def run_experts_on_shards(
         report = _label_shards(urls, experts, store, batch_size, log)
         report.stale_removed = stale
         return report
-    threads = max(1, torch.get_num_threads() // num_workers)
-    report = RunReport(stale_removed=stale)
-    with ProcessPoolExecutor(num_workers, mp_context=get_context("spawn")) as pool:
-        futures = [
-            pool.submit(
-                _shard_worker,
-                urls[i::num_workers],
-                experts,
-                str(store.root),
-                store.size,
-                batch_size,
-                threads,
-                i,
-            )
-            for i in range(num_workers)
-        ]
-        for f in futures:
-            report = report.merge(f.result())
+    report = fan_out(
+        _shard_worker, urls, num_workers, experts, str(store.root), store.size, batch_size
+    )
+    report.stale_removed = stale
     return report

@@ -8,7 +8,20 @@ from torch import Tensor
 from prismkit.core.language.decoder import DecoderCache, TextDecoder
 
 
-class PrefixDecoder:
+class _DecoderView:
+    """A wrapped ``TextDecoder``'s LM head and pad id, as ``beam_search`` reads them."""
+
+    decoder: TextDecoder
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.decoder.logits(hidden)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.decoder.pad_token_id
+
+
+class PrefixDecoder(_DecoderView):
     """A :class:`TextDecoder` as ``beam_search``/``score_candidates`` call it, with the prompt as
     a bidirectional prefix: the first call (no cache) runs the prompt with ``prefix_len`` = its
     real tokens; cached steps add causal tokens; uncached re-runs (``use_cache=False``) keep the
@@ -42,15 +55,8 @@ class PrefixDecoder:
             )
         return self.decoder(input_ids, vision, attention_mask, prefix_len=self.prefix_len)
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        return self.decoder.logits(hidden)
 
-    @property
-    def pad_token_id(self) -> int:
-        return self.decoder.pad_token_id
-
-
-class JointDecoder:
+class JointDecoder(_DecoderView):
     """The decoder of SimVLM's encoder-decoder as ``beam_search``/``score_candidates`` call it:
     ``vision`` is the joint encoding of image and prompt (``(B, Nv + P, D)``) whose padded prompt
     positions ``memory_mask (B, Nv + P)`` hides from the cross-attention.
@@ -79,10 +85,3 @@ class JointDecoder:
             raise ValueError(f"encoder output has {rows} rows, its mask {b}")
         mask = self.memory_mask.repeat_interleave(rows // b, dim=0)
         return self.decoder(input_ids, vision, attention_mask, vision_mask=mask)
-
-    def logits(self, hidden: Tensor) -> Tensor:
-        return self.decoder.logits(hidden)
-
-    @property
-    def pad_token_id(self) -> int:
-        return self.decoder.pad_token_id
