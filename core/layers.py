@@ -118,17 +118,25 @@ def explicit_attention(
     Used instead of ``F.scaled_dot_product_attention`` where the fused CPU kernel is slower:
     with dropout (SDPA falls back to its math path, which also scales and copies the keys) and,
     when training, few queries over many keys (the resampler's 64 latents over 1,240 tokens:
-    1.3x faster forward + backward here, bench/README.md)."""
+    1.3x faster forward + backward here, bench/README.md), and for any bfloat16/float16 training
+    on the CPU, whose fused backward is 7-10x slower than these products (bench/README.md)."""
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + mask
-    probs = scores.softmax(dim=-1)
+    # half-precision scores: softmax in float32 (as the fused kernels accumulate)
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
     if dropout > 0:
         probs = F.dropout(probs, dropout, training=True)
     return torch.matmul(probs, v)
+
+
+def _explicit_backward(q: Tensor, k: Tensor) -> bool:
+    """Whether training attention is faster as explicit products than as the fused kernel."""
+    half = q.dtype in (torch.bfloat16, torch.float16) and q.device.type == "cpu"
+    return half or k.shape[2] >= 4 * q.shape[2]
 
 
 class Attention(nn.Module):
@@ -202,7 +210,7 @@ class Attention(nn.Module):
                 )
             q = q.view(k.shape[0], groups, h, t, d).transpose(1, 2).reshape(-1, h, groups * t, d)
         p = self.dropout if self.training else 0.0
-        if p > 0 or (torch.is_grad_enabled() and k.shape[2] >= 4 * q.shape[2]):
+        if p > 0 or (torch.is_grad_enabled() and _explicit_backward(q, k)):
             # heads-major keys/values: the products below then need no copy, and a decoding
             # cache keeps them so (one copy per projection instead of one per step)
             k, v = k.contiguous(), v.contiguous()

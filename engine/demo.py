@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, replace
+from multiprocessing import get_context
 from pathlib import Path
 
-from prismkit.core.config import resolve_config
+from prismkit.core.config import ModelConfig, resolve_config
 from prismkit.core.host import get_plugin_manager
 from prismkit.core.io import atomic_write
 from prismkit.engine.train import DataConfig, EvalConfig, RunConfig, TrainConfig, train
@@ -55,7 +59,7 @@ class Variant:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/embedded", help="report folder")
-    p.add_argument("--steps", type=int, default=720, help="optimiser steps per run")
+    p.add_argument("--steps", type=int, default=800, help="optimiser steps per run")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     p.add_argument(
@@ -85,6 +89,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--image-size", type=int, default=64, help="easy-vqa images are 64x64")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="runs trained side by side, each in its own process with its share of the "
+        "threads (default: 2 where there are 2 cores; 1 = one after another in this process)",
+    )
     p.add_argument(
         "--fractions",
         type=float,
@@ -143,21 +154,34 @@ def variants(experts: list[str] | None) -> list[Variant]:
     ]
 
 
-def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    host = getattr(args, "host", None) or get_plugin_manager()
-    t0 = time.time()
-    todo = variants(args.experts)
-    experts = sorted(
-        {e for v in todo for e in (v.experts or resolve_config(host, v.config).experts)}
-    )
-    _gallery(host, experts, out)
-    labels = _precompute_labels(host, experts, out / "labels")
+@dataclass(frozen=True)
+class _Planned:
+    """One training run of the demo: a variant at one data fraction and seed."""
+
+    variant: Variant
+    fraction: float
+    seed: int
+    model_cfg: ModelConfig
+    run: RunConfig
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.train.out_dir)
+
+    @property
+    def title(self) -> str:
+        return (
+            f"{self.variant.label} ({self.variant.folder}), {self.fraction:.0%} of the training "
+            f"data, seed {self.seed}"
+        )
+
+
+def plan(args: argparse.Namespace, host, out: Path) -> list[_Planned]:
+    """Every run of the demo, in order: fractions, then seeds, then variants."""
     runs = []
     for fraction in args.fractions:
         for seed in args.seeds:
-            for v in todo:
+            for v in variants(args.experts):
                 model_cfg = resolve_config(host, v.config)
                 model_cfg.vision = replace(model_cfg.vision, image_size=args.image_size)
                 model_cfg.language = replace(
@@ -165,10 +189,11 @@ def run(args: argparse.Namespace) -> int:
                 )
                 if v.experts is not None:
                     model_cfg.experts = list(v.experts)
-                run_dir = out / f"{v.folder}-f{fraction:g}-s{seed}"
                 run = RunConfig(
                     data=DataConfig(
-                        dataset="easyvqa+easyvqa_captions", fraction=fraction, labels=labels
+                        dataset="easyvqa+easyvqa_captions",
+                        fraction=fraction,
+                        labels=str(out / "labels") if model_cfg.experts else "",
                     ),
                     train=TrainConfig(
                         steps=args.steps,
@@ -182,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
                         cache_frozen_features=not args.no_feature_cache,
                         eval_questions=args.eval_questions,
                         log_every=100,
-                        out_dir=str(run_dir),
+                        out_dir=str(out / f"{v.folder}-f{fraction:g}-s{seed}"),
                     ),
                     # the table shows BLEU-4 and CIDEr-D: no Java metrics (METEOR, SPICE)
                     eval=EvalConfig(
@@ -194,26 +219,49 @@ def run(args: argparse.Namespace) -> int:
                         java_metrics="off",
                     ),
                 )
-                print(
-                    f"\n=== {v.label} ({v.folder}), {fraction:.0%} of the training data, seed {seed}"
-                )
-                result = _done(run_dir, model_cfg, run)
-                if result is None:  # an unfinished run of the demo's own is redone
-                    result = train(model_cfg, run, host, overwrite=True)
-                    _record(run_dir, model_cfg, run)
-                else:
-                    print(f"reusing the finished run in {run_dir} (same model and settings)")
-                runs.append(
-                    {
-                        "variant": v.label,
-                        "config": v.config,
-                        "experts": model_cfg.experts,
-                        "fraction": fraction,
-                        "seed": seed,
-                        **result,
-                    }
-                )
-    summary = _summarise(runs, [v.label for v in todo])
+                runs.append(_Planned(v, fraction, seed, model_cfg, run))
+    return runs
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if args.jobs < 1:
+        raise SystemExit(f"prismkit demo: --jobs {args.jobs}: need at least 1")
+    out.mkdir(parents=True, exist_ok=True)
+    host = getattr(args, "host", None) or get_plugin_manager()
+    t0 = time.time()
+    planned = plan(args, host, out)
+    # every input checked before the first step: a folder that is not one of ours stops here
+    results: dict[int, dict] = {}
+    for i, p in enumerate(planned):
+        done = _done(p.run_dir, p.model_cfg, p.run)
+        if done is not None:
+            print(f"reusing the finished run in {p.run_dir} (same model and settings)")
+            results[i] = done
+    experts = sorted({e for p in planned for e in p.model_cfg.experts})
+    _gallery(host, experts, out)
+    pending = [i for i in range(len(planned)) if i not in results]
+    if pending:
+        _precompute_labels(host, experts, out / "labels", args.jobs)
+    jobs = min(args.jobs, len(pending))
+    if jobs > 1:
+        results |= _train_parallel([(i, planned[i]) for i in pending], jobs, out)
+    else:
+        for i in pending:
+            print(f"\n=== {planned[i].title}")
+            results[i] = _train_one(planned[i], host)
+    runs = [
+        {
+            "variant": p.variant.label,
+            "config": p.variant.config,
+            "experts": p.model_cfg.experts,
+            "fraction": p.fraction,
+            "seed": p.seed,
+            **results[i],
+        }
+        for i, p in enumerate(planned)
+    ]
+    summary = _summarise(runs, [v.label for v in variants(args.experts)])
     report = {
         "runs": runs,
         "summary": summary,
@@ -228,6 +276,59 @@ def run(args: argparse.Namespace) -> int:
         f"\nreport: {out}/metrics.json, {out}/*/curves.png, {out}/gallery.png ({report['seconds']:.0f}s)"
     )
     return 0
+
+
+def _train_one(p: _Planned, host) -> dict:
+    result = train(p.model_cfg, p.run, host, overwrite=True)
+    if "interrupted" in result:  # the state is saved; the demo stops with the run
+        raise SystemExit(f"prismkit demo: {p.title}: stopped ({result['interrupted']})")
+    _record(p.run_dir, p.model_cfg, p.run)
+    return result
+
+
+def _train_in_worker(p: _Planned, threads: int, log_path: str) -> dict:
+    """One spawned process: train and evaluate ``p``, its output appended to ``log_path``."""
+    import torch
+
+    torch.set_num_threads(threads)
+    with open(log_path, "a") as f, redirect_stdout(f), redirect_stderr(f):
+        print(f"=== {p.title}", flush=True)
+        return _train_one(p, get_plugin_manager())
+
+
+def _train_parallel(todo: list[tuple[int, _Planned]], jobs: int, out: Path) -> dict[int, dict]:
+    """The runs in ``jobs`` spawned processes sharing the machine's threads (on 2 cores two
+    single-threaded runs side by side do 1.3x the work of one two-threaded run at a time)."""
+    import torch
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    print(
+        f"\n{len(todo)} runs, {jobs} at a time ({threads} thread(s) each); "
+        f"each run's output in {out}/<run>.log"
+    )
+    results: dict[int, dict] = {}
+    failed: list[str] = []
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        futures = {
+            pool.submit(_train_in_worker, p, threads, str(out / f"{p.run_dir.name}.log")): (i, p)
+            for i, p in todo
+        }
+        for f in as_completed(futures):
+            i, p = futures[f]
+            try:
+                results[i] = f.result()
+            except BaseException as e:  # noqa: BLE001 - reported below, with the run's log
+                failed.append(f"{p.title}: {e} (see {out}/{p.run_dir.name}.log)")
+                continue
+            acc = results[i].get("eval", {}).get(VQA, float("nan"))
+            print(
+                f"done: {p.title}: VQA acc {acc:.3f}, "
+                f"train {results[i]['train_seconds']:.0f}s ({time.strftime('%H:%M:%S')})",
+                flush=True,
+            )
+    if failed:
+        raise SystemExit("prismkit demo: " + "; ".join(failed))
+    return results
 
 
 def _settings(model_cfg, run: RunConfig) -> dict:
@@ -320,7 +421,7 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _precompute_labels(host, experts: list[str], root: Path) -> str:
+def _precompute_labels(host, experts: list[str], root: Path, jobs: int = 1) -> str:
     """Label every easy-vqa image (train and test) with the runs' experts into a label store
     once; training and evaluation then read the labels instead of running the experts."""
     from prismkit.labels.runner import run_experts
@@ -336,7 +437,7 @@ def _precompute_labels(host, experts: list[str], root: Path) -> str:
         {n: host.expert(n)() for n in experts},
         LabelStore(root),
         batch_size=64,
-        num_workers=1,
+        num_workers=jobs,
         shard=(0, 1),
         log=lambda *_: None,
     )

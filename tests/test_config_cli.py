@@ -95,7 +95,8 @@ def test_train_smoke_end_to_end(tiny_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_the_offline_default(tmp_path, capsys):
-    """The README's main job, shrunk: both variants train, evaluate and report."""
+    """The README's main job, shrunk: both variants train side by side (two processes),
+    evaluate and report."""
     out = tmp_path / "demo"
     assert (
         main(
@@ -109,6 +110,8 @@ def test_demo_runs_end_to_end_on_the_offline_default(tmp_path, capsys):
                 "4",
                 "--eval-questions",
                 "4",
+                "--jobs",
+                "2",
             ]
         )
         == 0
@@ -118,6 +121,7 @@ def test_demo_runs_end_to_end_on_the_offline_default(tmp_path, capsys):
     for r in report["runs"]:
         assert {"easyvqa/vqa_accuracy", "easyvqa_captions/cider"} <= set(r["eval"])
         assert (out / f"{r['config']}-f1-s0" / "curves.png").exists()
+        assert "step     0" in (out / f"{r['config']}-f1-s0.log").read_text()
         assert r["peak_rss_mib"] > 100  # torch alone is more than that
     assert (out / "gallery.png").exists()
     assert "VQA acc" in capsys.readouterr().out

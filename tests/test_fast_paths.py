@@ -64,6 +64,29 @@ def test_attention_paths_agree_in_training():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_bfloat16_training_attention_is_explicit_and_matches_float32():
+    """bf16 training on the CPU takes the explicit products (the fused kernel's backward is
+    7-10x slower there): outputs and gradients within bf16 rounding of the float32 SDPA."""
+    torch.manual_seed(0)
+    attn = Attention(32, 4)
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    mask = torch.zeros(3, 1, 7, 7).masked_fill(torch.ones(7, 7).triu(1).bool(), -1e9)
+    want = attn(x, mask=mask)[0]
+    g_want = torch.autograd.grad(want.square().sum(), x)[0]
+    calls = []
+    real = F.scaled_dot_product_attention
+    try:
+        F.scaled_dot_product_attention = lambda *a, **k: calls.append(1) or real(*a, **k)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attn(x, mask=mask)[0]
+        g = torch.autograd.grad(out.float().square().sum(), x)[0]
+    finally:
+        F.scaled_dot_product_attention = real
+    assert not calls and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want, rtol=0.05, atol=0.03)
+    torch.testing.assert_close(g, g_want, rtol=0.05, atol=0.05)
+
+
 def test_shared_keys_values_serve_groups_of_rows():
     """Keys/values of B rows serving B*g query rows equal the keys/values repeated per row."""
     torch.manual_seed(0)
