@@ -67,7 +67,15 @@ class OCRDetection(Expert):
             raise ImportError(
                 f"expert {self.name!r} needs `pip install rapidocr onnxruntime`"
             ) from e
-        params: dict[str, Any] = {"Global.log_level": "error", "Global.text_score": self.text_score}
+        params: dict[str, Any] = {
+            "Global.log_level": "error",
+            "Global.text_score": self.text_score,
+            # onnxruntime's own pool would take every core: use this process's share (label
+            # workers split the machine's threads; two full pools on 2 cores spin against
+            # each other)
+            "EngineConfig.onnxruntime.intra_op_num_threads": torch.get_num_threads(),
+            "EngineConfig.onnxruntime.inter_op_num_threads": 1,
+        }
         self._engine = RapidOCR(params=params)
 
     def _regions(self, bgr: np.ndarray) -> list[tuple[str, np.ndarray]]:
