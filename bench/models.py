@@ -26,6 +26,7 @@ compares runs across load and machines as the issue's targets do.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -601,6 +602,19 @@ def _print(results: dict[str, Any], print_table: Callable) -> None:
         )
 
 
+@contextlib.contextmanager
+def _profiled(rows: int, device: torch.device):
+    """``torch.profiler.profile`` with input shapes when ``rows`` > 0, else nothing (None)."""
+    if rows <= 0:
+        yield None
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        yield prof
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m prismkit.bench.models", description=__doc__)
     p.add_argument("case", choices=("train", "caption", "loader"))
@@ -611,17 +625,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (train)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also print the case's N costliest operators (torch.profiler, self time, by input "
+        "shapes) to stderr: what a change should target (its timings include the profiler's)",
+    )
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     host = get_plugin_manager()
     device = torch.device(a.device)
-    if a.case == "train":
-        out = train_case(host, a.config, a.batch, a.repeats, device, a.compile)
-    elif a.case == "caption":
-        out = caption_case(host, a.config, a.repeats, device)
-    else:
-        out = loader_case(host, a.config, a.images, a.repeats)
+    with _profiled(a.profile, device) as prof:
+        if a.case == "train":
+            out = train_case(host, a.config, a.batch, a.repeats, device, a.compile)
+        elif a.case == "caption":
+            out = caption_case(host, a.config, a.repeats, device)
+        else:
+            out = loader_case(host, a.config, a.images, a.repeats)
+    if prof is not None:
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        table = prof.key_averages(group_by_input_shape=True).table(
+            sort_by=key, row_limit=a.profile, max_name_column_width=50, max_shapes_column_width=70
+        )
+        print(table, file=sys.stderr)
+    out["profiled"] = prof is not None
     out["threads"] = torch.get_num_threads()
     out["loadavg_1m"] = os.getloadavg()[0]
     print(json.dumps(out))

@@ -96,4 +96,18 @@ def test_bench_case_runs_in_a_fresh_process():
     from prismkit.bench.models import run_case
 
     r = run_case(["loader", "--config", "tiny", "--images", "2", "--repeats", "1"])
-    assert r["case"] == "loader" and r["samples_per_s"] > 0
+    assert r["case"] == "loader" and r["samples_per_s"] > 0 and not r["profiled"]
+
+
+def test_bench_case_profile_prints_the_costliest_operators(capsys):
+    from prismkit.bench import models
+
+    assert (
+        models.main(
+            ["loader", "--config", "tiny", "--images", "2", "--repeats", "1"] + ["--profile", "5"]
+        )
+        == 0
+    )
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1])["profiled"]
+    assert "Self CPU" in err and "Input Shapes" in err
