@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import resource
 import statistics
@@ -86,16 +87,20 @@ def _cpu_flash_backward(grad, q, k, v, *args, out_shape=None, **kwargs) -> int:
     return sdpa_backward_flop_count(grad, q, k, v)
 
 
+def _onednn_linear(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(x_shape) * weight_shape[0]
+
+
 def flop_counter() -> FlopCounterMode:
-    """``FlopCounterMode`` that also counts PyTorch's CPU flash attention (it has no formula for
-    it), so the count does not depend on which attention kernel ran."""
-    return FlopCounterMode(
-        display=False,
-        custom_mapping={
-            aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward,
-        },
-    )
+    """``FlopCounterMode`` that also counts PyTorch's CPU flash attention and oneDNN's linear
+    (it has no formula for them), so the count does not depend on which kernel ran."""
+    mapping = {
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward,
+    }
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        mapping[torch.ops.mkldnn._linear_pointwise] = _onednn_linear
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 # -- measurement helpers ------------------------------------------------------------------------

@@ -6,24 +6,44 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# elements per chunk of the elementwise activations: three passes over 1 MiB stay in L2, where
+# three passes over a (4, 261, 3072) MLP activation (12.8 MiB) each went to memory and each
+# temporary was a fresh page-faulted buffer (5-6x slower at the BASE shapes, bench/README.md)
+_CHUNK = 1 << 18
+
+
+def _chunks(*tensors: Tensor):
+    """Matching flat chunks of same-shaped tensors (viewed flat when contiguous, else copied)."""
+    flat = [t.reshape(-1) for t in tensors]
+    n = flat[0].numel()
+    for start in range(0, n, _CHUNK):
+        yield [f[start : start + _CHUNK] for f in flat]
+
 
 class _QuickGELU(torch.autograd.Function):
-    """``x * sigmoid(1.702 x)`` (CLIP's activation). The forward is the plain formula, bit for
-    bit; only ``x`` is kept for the backward (the sigmoid is recomputed there), so a frozen MLP
-    keeps one ``(B, T, 4D)`` tensor per layer instead of three, and the backward is 6 in-place
-    passes instead of autograd's 8 (bench/README.md)."""
+    """``x * sigmoid(1.702 x)`` (CLIP's activation). Both passes are the plain formulas (the same
+    float operations per element), computed chunk by chunk so the temporaries stay in cache; only ``x`` is kept for the
+    backward (the sigmoid is recomputed there), so a frozen MLP keeps one ``(B, T, 4D)`` tensor
+    per layer instead of three, and the backward is 6 in-place passes instead of autograd's 8
+    (bench/README.md)."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
         ctx.save_for_backward(x)
-        return x * torch.sigmoid(1.702 * x)
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        for xc, oc in _chunks(x, out):
+            torch.mul(xc, 1.702, out=oc).sigmoid_().mul_(xc)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
-        s = torch.sigmoid(1.702 * x)
-        # d/dx x s(1.702 x) = s (1 + 1.702 x (1 - s))
-        return torch.sub(1, s).mul_(x).mul_(1.702).add_(1).mul_(s).mul_(grad)
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        for xc, gc, oc in _chunks(x, grad, out):
+            s = torch.sigmoid(1.702 * xc)
+            # d/dx x s(1.702 x) = s (1 + 1.702 x (1 - s))
+            torch.sub(1, s, out=oc).mul_(xc).mul_(1.702).add_(1).mul_(s).mul_(gc)
+        return out
 
 
 class _SquaredReLU(torch.autograd.Function):
@@ -66,21 +86,33 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear``, computed as ``(weight @ x^T)^T`` for a handful of rows without autograd.
+# oneDNN's inner-product kernel (x86 and arm64 builds of torch have it)
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(
+    torch.ops.mkldnn, "_linear_pointwise"
+)
 
-    Decoding feeds 12 rows (4 images x 3 beams) through every layer per step; MKL's GEMM for
-    ``x @ W^T`` at such sizes reads the weight about twice as slowly as ``W @ x^T`` (the tied
-    50265 x 768 LM head: 2.1x, a 3072 x 768 layer: 1.5x; bench/README.md), and decoding is
-    bound by reading the weights. Same products, summed in another order (float32 rounding)."""
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear``, computed by a faster kernel for a handful of rows without autograd.
+
+    Decoding feeds 12 rows (4 images x 3 beams) through every layer per step and is bound by
+    reading the weights. MKL's GEMM behind ``F.linear`` reads the weight once per 3 rows at such
+    sizes (the tied 50265 x 768 LM head from memory: 6.5 ms for 1-3 rows, 29 ms for 10-12).
+    oneDNN's inner product reads it once: 12.8 ms at 12 rows, and a 3072 x 768 layer 1.3x
+    faster (bench/README.md). Without oneDNN: ``(weight @ x^T)^T``, which MKL computes 1.5x
+    faster than ``x @ weight^T`` at 12 rows. Same products, summed in another order (float32
+    rounding)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (
         torch.is_grad_enabled()
-        or not 8 <= rows <= 64
+        or not 4 <= rows <= 64
         or x.device.type != "cpu"
+        or x.dtype != torch.float32
         or weight.dtype != x.dtype
     ):
         return F.linear(x, weight, bias)
+    if _ONEDNN_LINEAR and weight.is_contiguous():
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     flat = x.reshape(rows, x.shape[-1])
     if bias is None:
         out = torch.mm(weight, flat.t())

@@ -111,3 +111,19 @@ def test_bench_case_profile_prints_the_costliest_operators(capsys):
     out, err = capsys.readouterr()
     assert json.loads(out.strip().splitlines()[-1])["profiled"]
     assert "Self CPU" in err and "Input Shapes" in err
+
+
+def test_flop_counter_counts_the_fast_linear_like_the_plain_one():
+    import torch
+    import torch.nn.functional as F
+
+    from prismkit.bench.models import flop_counter
+    from prismkit.core.layers import linear
+
+    x, w, b = torch.randn(12, 1, 64), torch.randn(96, 64), torch.randn(96)
+    counts = []
+    for fn in (linear, F.linear):
+        with torch.inference_mode(), flop_counter() as counter:
+            fn(x, w, b)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] == 2 * 12 * 64 * 96

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from prismkit.core.language.decoder import DecoderCache
 from prismkit.core.layers import (
@@ -26,6 +27,20 @@ def test_activations_forward_exactly_and_gradcheck():
     assert torch.autograd.gradcheck(squared_relu, (x64,))
     with torch.no_grad():  # no graph, no saved tensors
         assert quick_gelu(x).grad_fn is None
+
+
+def test_quick_gelu_chunks_are_the_plain_formula():
+    # more than two cache-sized chunks, and a non-contiguous input (the same float operations per
+    # element; the vectorised and the scalar sigmoid may differ in the last bit, and which
+    # elements take the scalar tail depends on the layout)
+    x = torch.randn(3, 2 * 1024 + 1, 257).transpose(0, 1)
+    torch.testing.assert_close(quick_gelu(x), x * torch.sigmoid(1.702 * x), rtol=1e-6, atol=1e-7)
+    x.requires_grad_(True)
+    grad = torch.randn_like(x)
+    quick_gelu(x).backward(grad)
+    s = torch.sigmoid(1.702 * x.detach())
+    expected = torch.sub(1, s).mul_(x.detach()).mul_(1.702).add_(1).mul_(s).mul_(grad)
+    torch.testing.assert_close(x.grad, expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "float", "bool"])
@@ -115,14 +130,20 @@ def test_cache_select_keeps_shared_rows_or_gathers_them():
     assert across.cross_kv[0][0].flatten().tolist() == [1, 0, 0, 0, 1, 1]
 
 
-def test_small_row_linear_matches():
+@pytest.mark.parametrize("onednn", [True, False])
+def test_small_row_linear_matches(monkeypatch, onednn):
+    from prismkit.core import layers
+
+    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", onednn and layers._ONEDNN_LINEAR)
     torch.manual_seed(0)
     w, b = torch.randn(50, 24), torch.randn(50)
-    for rows in (3, 12, 40, 100):
-        x = torch.randn(rows, 1, 24)
-        with torch.no_grad():
-            torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    for weight in (w, w.t().contiguous().t()):  # a non-contiguous weight takes the fallback
+        for rows in (3, 4, 12, 40, 100):
+            x = torch.randn(rows, 1, 24)
+            with torch.no_grad():
+                want = F.linear(x, weight, b)
+                torch.testing.assert_close(linear(x, weight, b), want, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(linear(x, weight), want - b, rtol=1e-5, atol=1e-5)
     x = torch.randn(12, 24, requires_grad=True)  # autograd: the plain op
     assert torch.equal(linear(x, w, b), F.linear(x, w, b))
 
@@ -145,11 +166,17 @@ def test_label_grid_resize_is_bilinear_of_the_tiled_map(size, out):
     [("dense", 3, 16), ("dense", 1, 14), ("semantic", 64, 16), ("semantic", 64, 14)],
 )
 def test_expert_stem_fast_paths_match_the_reference_recipe(kind, channels, patch):
-    """Channels-last, the skipped identity resize and the label-grid resize give the reference's
-    UpsamplingBilinear2d -> convs result, in training and eval mode."""
+    """Channels-last, the skipped identity resize, the label-grid resize and (eval) the BatchNorms
+    folded into the convs give the reference's UpsamplingBilinear2d -> convs result, in training
+    and eval mode."""
     torch.manual_seed(0)
     stem = ExpertStem(in_channels=channels, width=32, patch_size=patch, kind=kind)
     assert stem.convs[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for bn in stem.convs[1::3]:  # non-trivial statistics: eval mode folds them into the convs
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        nn.init.normal_(bn.weight, 1.0, 0.2)
+        nn.init.normal_(bn.bias)
     for mode in (True, False):
         stem.train(mode)
         if kind == "semantic":

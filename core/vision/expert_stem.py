@@ -130,4 +130,28 @@ class ExpertStem(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """The conv stack on an already-resized map ``(B, C, S', S')``."""
-        return self.proj(self.convs(x.contiguous(memory_format=torch.channels_last)))
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.training:
+            return self.proj(self.convs(x))
+        layers = list(self.convs)
+        for conv, bn in zip(layers[0::3], layers[1::3], strict=True):
+            w, b = fold_batch_norm(conv, bn)
+            x = F.conv2d(x, w, b, conv.stride, conv.padding).relu_()
+        return self.proj(x)
+
+
+def fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Weight and bias of one convolution computing ``bn(conv(x))`` with ``bn``'s running
+    statistics (eval mode); ``conv`` and ``bn`` themselves are unchanged."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("cannot fold a BatchNorm without running statistics")
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    w = conv.weight * scale.to(conv.weight.dtype)[:, None, None, None]
+    return w, shift.to(conv.weight.dtype)
