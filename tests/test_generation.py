@@ -176,3 +176,15 @@ def test_text_only_decoding_skips_cross_attention(trained_ish):
     assert step.shape == (2, 1, 32) and torch.isfinite(step).all()
     with_vision, _ = model.language(ids, vision, mask)
     assert not torch.allclose(h, with_vision)
+
+
+def test_decoder_step_keeps_cross_attention_keys_heads_major(trained_ish):
+    from prismkit.core.generation import decoder_step
+
+    model, vision, ids, mask = trained_ish
+    step, _ = decoder_step(model.language, vision, 3)
+    with torch.no_grad():
+        _, cache = step(ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0), None)
+    kvs = [kv for kv in cache.cross_kv if kv is not None]
+    assert kvs and all(k.is_contiguous() and v.is_contiguous() for k, v in kvs)
+    assert kvs[0][0].shape[0] == ids.shape[0]  # one image's keys serve its beams
