@@ -151,7 +151,17 @@ def cpu_clock() -> float:
 
 
 def peak_rss() -> int:
-    """This process's RSS high-water mark in bytes (getrusage: kB on Linux, bytes on macOS)."""
+    """This process's RSS high-water mark in bytes: Linux's ``VmHWM`` (of this process's own
+    address space; ``getrusage``'s ``ru_maxrss`` survives ``exec``, so a case started by a larger
+    process, as ``prismkit bench --full`` starts them, would report its parent's peak), else
+    ``getrusage`` (kB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return value if sys.platform == "darwin" else value * 1024
 

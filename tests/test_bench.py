@@ -127,3 +127,23 @@ def test_flop_counter_counts_the_fast_linear_like_the_plain_one():
             fn(x, w, b)
         counts.append(counter.get_total_flops())
     assert counts[0] == counts[1] == 2 * 12 * 64 * 96
+
+
+def test_peak_rss_of_a_case_is_its_own_not_its_parents():
+    """A case started by a larger process (``bench --full``) reports its own high-water mark:
+    getrusage's ru_maxrss survives exec and would report the parent's."""
+    import subprocess
+    import sys
+
+    big = bytearray(1200 << 20)
+    big[:: 1 << 12] = b"\1" * len(range(0, len(big), 1 << 12))  # touch every page
+    code = (
+        "import resource; from prismkit.bench.models import peak_rss; "
+        "print(peak_rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    own, maxrss = map(int, out.stdout.split())
+    del big
+    assert own < 1000 << 20  # python + torch, under the parent's 1200 MiB buffer
+    if sys.platform == "linux":
+        assert maxrss >= 1200 << 20  # what the old measurement reported
