@@ -39,8 +39,11 @@ class _QuickGELU(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        # one scratch chunk for the sigmoid: a fresh 1 MiB temporary per chunk is page-faulted
+        # each time (glibc maps allocations of that size), 2x slower than reusing one
+        scratch = x.new_empty(min(_CHUNK, x.numel()))
         for xc, gc, oc in _chunks(x, grad, out):
-            s = torch.sigmoid(1.702 * xc)
+            s = torch.mul(xc, 1.702, out=scratch[: xc.numel()]).sigmoid_()
             # d/dx x s(1.702 x) = s (1 + 1.702 x (1 - s))
             torch.sub(1, s, out=oc).mul_(xc).mul_(1.702).add_(1).mul_(s).mul_(gc)
         return out
