@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from prismkit.core import weights
 from prismkit.core.config import LanguageConfig
+from prismkit.core.language import tied
 from prismkit.core.layers import Attention, LayerNorm32, Linear, activation, linear
 
 
@@ -136,10 +137,14 @@ class LMHead(nn.Module):
         self.norm = LayerNorm32(c.width, eps=c.eps)
         self.bias = nn.Parameter(torch.zeros(c.vocab_size))
         self.word_embeddings = [word_embeddings]  # tied, not a submodule: no duplicate parameter
+        self.link: tied.TiedLink | None = None  # the decoder's latest training lookup
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.norm(F.gelu(self.dense(x)))
-        return linear(x, self.word_embeddings[0].weight, self.bias)
+        w = self.word_embeddings[0].weight
+        if tied.applies(w):  # its weight gradient joins the lookup's (core/language/tied.py)
+            return tied.head(x, w, self.bias, self.link)
+        return linear(x, w, self.bias)
 
 
 class TextDecoder(nn.Module):
@@ -215,12 +220,20 @@ class TextDecoder(nn.Module):
 
     def embed(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         w = self.word_embeddings.weight
-        # the lookup's gradient as sparse rows: autograd adds them to the tied LM head's dense
-        # gradient in place, instead of zero-filling and adding a second (V, D) dense buffer
-        # (50265 x 768: 147 MiB and ~50 ms a step on the CPU; the sum is the same)
-        # (torch.compile traces the dense lookup: its graphs do not take sparse gradients)
-        sparse = torch.is_grad_enabled() and w.requires_grad and not torch.compiler.is_compiling()
-        x = F.embedding(input_ids, w, self.word_embeddings.padding_idx, sparse=sparse)
+        pad = self.word_embeddings.padding_idx
+        if tied.applies(w):
+            # float32 training: the tied head's (V, D) gradient is formed in this lookup's
+            # backward, which adds its rows in place (core/language/tied.py)
+            self.head.link = link = tied.TiedLink()
+            x = tied.lookup(input_ids, w, pad, link)
+        else:
+            # the lookup's gradient as sparse rows (no zero-filled dense (V, D) lookup gradient;
+            # autograd sums them with the head's out of place). torch.compile traces the dense
+            # lookup: its graphs do not take sparse gradients
+            sparse = (
+                torch.is_grad_enabled() and w.requires_grad and not torch.compiler.is_compiling()
+            )
+            x = F.embedding(input_ids, w, pad, sparse=sparse)
         x = x + self.token_type_embeddings.weight[0]
         x = x + self.position_embeddings(positions)
         return self.embed_dropout(self.embed_norm(x))
