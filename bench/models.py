@@ -157,11 +157,11 @@ def peak_rss() -> int:
     ``getrusage`` (kB on Linux, bytes on macOS)."""
     try:
         with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+            hwm = next((line for line in f if line.startswith("VmHWM:")), None)
+    except OSError:  # not Linux
+        hwm = None
+    if hwm is not None:
+        return int(hwm.split()[1]) * 1024
     value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return value if sys.platform == "darwin" else value * 1024
 
