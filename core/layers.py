@@ -22,10 +22,10 @@ def _chunks(*tensors: Tensor):
 
 class _QuickGELU(torch.autograd.Function):
     """``x * sigmoid(1.702 x)`` (CLIP's activation). Both passes are the plain formulas (the same
-    float operations per element), computed chunk by chunk so the temporaries stay in cache; only ``x`` is kept for the
-    backward (the sigmoid is recomputed there), so a frozen MLP keeps one ``(B, T, 4D)`` tensor
-    per layer instead of three, and the backward is 6 in-place passes instead of autograd's 8
-    (bench/README.md)."""
+    float operations per element), computed chunk by chunk so the temporaries stay in cache;
+    only ``x`` is kept for the backward (the sigmoid is recomputed there), so a frozen MLP keeps
+    one ``(B, T, 4D)`` tensor per layer instead of three, and the backward is 6 in-place passes
+    instead of autograd's 8 (bench/README.md)."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
@@ -102,20 +102,21 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     reading the weights. MKL's GEMM behind ``F.linear`` reads the weight once per 3 rows at such
     sizes (the tied 50265 x 768 LM head from memory: 6.5 ms for 1-3 rows, 29 ms for 10-12).
     oneDNN's inner product reads it once: 12.8 ms at 12 rows, and a 3072 x 768 layer 1.3x
-    faster (bench/README.md). Without oneDNN: ``(weight @ x^T)^T``, which MKL computes 1.5x
-    faster than ``x @ weight^T`` at 12 rows. Same products, summed in another order (float32
-    rounding)."""
+    faster (bench/README.md); it serves float32 from 4 rows. Otherwise, from 8 rows:
+    ``(weight @ x^T)^T``, which MKL computes 1.5x faster than ``x @ weight^T`` at 12 rows. Same
+    products, summed in another order (float32 rounding)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (
         torch.is_grad_enabled()
         or not 4 <= rows <= 64
         or x.device.type != "cpu"
-        or x.dtype != torch.float32
         or weight.dtype != x.dtype
     ):
         return F.linear(x, weight, bias)
-    if _ONEDNN_LINEAR and weight.is_contiguous():
+    if _ONEDNN_LINEAR and x.dtype == torch.float32 and weight.is_contiguous():
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if rows < 8:  # MKL's x @ W^T is the faster of the two below 8 rows
+        return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
     if bias is None:
         out = torch.mm(weight, flat.t())

@@ -144,6 +144,9 @@ def test_small_row_linear_matches(monkeypatch, onednn):
                 want = F.linear(x, weight, b)
                 torch.testing.assert_close(linear(x, weight, b), want, rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(linear(x, weight), want - b, rtol=1e-5, atol=1e-5)
+    xh, wh = torch.randn(12, 1, 24).bfloat16(), w.bfloat16()  # bfloat16: W @ x^T from 8 rows
+    with torch.no_grad():
+        torch.testing.assert_close(linear(xh, wh), F.linear(xh, wh), rtol=2e-2, atol=2e-2)
     x = torch.randn(12, 24, requires_grad=True)  # autograd: the plain op
     assert torch.equal(linear(x, w, b), F.linear(x, w, b))
 
