@@ -115,7 +115,7 @@ class _Head(torch.autograd.Function):
                     )
                 link.deferred.append((g2, x2))
             else:
-                grad_w = g2.t().mm(x2)
+                grad_w = _product([(g2, x2)])
         return grad_x, grad_w, grad_b, None
 
 
