@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prismkit.core.layers import cast_weights_once
+
 StepFn = Callable[[Tensor, Tensor, Any], tuple[Tensor, Any]]
 ReorderFn = Callable[[Any, Tensor], Any]
 
@@ -215,9 +217,15 @@ def decoder_step(decoder, vision: Tensor, beams: int) -> tuple[StepFn, ReorderFn
     every beam of an input: they run once per input and their logits and self-attention cache
     are repeated (the same numbers, ``beams`` times less work). The cross-attention keys/values
     are then stored heads-major (one copy; every later step's attention reads them contiguously,
-    2.5% of BASE captioning, bench/README.md)."""
+    2.5% of BASE captioning, bench/README.md). Under autocast, each weight is cast once for the
+    whole generation rather than at every step (:func:`prismkit.core.layers.cast_weights_once`)."""
+    casts: dict = {}
 
     def step(ids: Tensor, mask: Tensor, cache: Any) -> tuple[Tensor, Any]:
+        with cast_weights_once(casts):
+            return _step(ids, mask, cache)
+
+    def _step(ids: Tensor, mask: Tensor, cache: Any) -> tuple[Tensor, Any]:
         if cache is not None:
             hidden, cache = decoder(ids, None, mask, cache=cache)
             return decoder.logits(hidden[:, -1]).float(), cache

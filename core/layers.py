@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -95,6 +99,38 @@ _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(
 )
 
 
+# id(weight) -> (weight, its version when cast, the cast copy); see cast_weights_once
+_CASTS: ContextVar[dict[int, tuple[Tensor, int, Tensor]] | None] = ContextVar(
+    "prismkit_weight_casts", default=None
+)
+
+
+@contextlib.contextmanager
+def cast_weights_once(store: dict | None = None) -> Iterator[dict]:
+    """Within it, :func:`linear` under CPU/GPU autocast casts each float32 weight and bias to the
+    autocast dtype once and reuses the copy, where autocast itself casts a frozen weight on every
+    call (its cache keeps only leaf tensors that require grad). The same values (autocast's
+    cast), so the same results; for loops that reuse weights without autograd, like cached
+    decoding, where the per-step casts cost more than the products (bench/README.md). Pass the
+    same ``store`` to reuse copies across entries; a weight changed in place is cast again.
+    Yields the store; its copies live as long as it does."""
+    store = {} if store is None else store
+    token = _CASTS.set(store)
+    try:
+        yield store
+    finally:
+        _CASTS.reset(token)
+
+
+def _cast_once(t: Tensor, dtype: torch.dtype, store: dict) -> Tensor:
+    hit = store.get(id(t))
+    if hit is not None and hit[0] is t and hit[1] == t._version:
+        return hit[2]
+    cast = t.to(dtype)
+    store[id(t)] = (t, t._version, cast)
+    return cast
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear``, computed by a faster kernel for a handful of rows without autograd.
 
@@ -104,7 +140,19 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     oneDNN's inner product reads it once: 12.8 ms at 12 rows, and a 3072 x 768 layer 1.3x
     faster (bench/README.md); it serves float32 from 4 rows. Otherwise, from 8 rows:
     ``(weight @ x^T)^T``, which MKL computes 1.5x faster than ``x @ weight^T`` at 12 rows. Same
-    products, summed in another order (float32 rounding)."""
+    products, summed in another order (float32 rounding). Inside :func:`cast_weights_once`,
+    an autocast weight is cast once."""
+    autocast = torch.is_autocast_enabled(x.device.type)
+    store = _CASTS.get()
+    if (
+        autocast
+        and store is not None
+        and weight.dtype == torch.float32
+        and not torch.is_grad_enabled()
+    ):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        weight = _cast_once(weight, dtype, store)
+        bias = None if bias is None else _cast_once(bias, dtype, store)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (
         torch.is_grad_enabled()
@@ -113,7 +161,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         or weight.dtype != x.dtype
     ):
         return F.linear(x, weight, bias)
-    if _ONEDNN_LINEAR and x.dtype == torch.float32 and weight.is_contiguous():
+    # oneDNN's op is not an autocast op: under autocast it would multiply in float32
+    if _ONEDNN_LINEAR and x.dtype == torch.float32 and weight.is_contiguous() and not autocast:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     if rows < 8:  # MKL's x @ W^T is the faster of the two below 8 rows
         return F.linear(x, weight, bias)

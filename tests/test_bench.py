@@ -82,14 +82,24 @@ def test_base_shapes_cases_on_a_tiny_model(host, tiny_dir, capsys):
     assert models.main(["loader", "--config", "tiny", "--images", "4", "--repeats", "1"]) == 0
     loader = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert loader["samples_per_s"] > 0 and loader["experts"] == ["edge"]
+    # the bf16 autocast rows (GPU, or a CPU with AMX): MFU against the bf16 matmul limit
+    bf16 = models.train_case(host, cfg, 2, 1, cpu, dtype=torch.bfloat16)
+    assert bf16["dtype"] == "torch.bfloat16" and bf16["gflop_per_step"] > 0 and bf16["mfu"] > 0
+    caption_bf16 = models.caption_case(host, cfg, 1, cpu, dtype=torch.bfloat16)
+    assert caption_bf16["dtype"] == "torch.bfloat16" and caption_bf16["encode_mfu"] > 0
     train.update(config="prismer_base", batch=4)  # stand in for the BASE rows
-    results = {"device": "cpu", "train": [train], "caption": caption, "loader": loader}
+    bf16.update(config="prismer_base", batch=4)
+    results = {"device": "cpu", "train": [train, bf16], "caption": caption, "loader": loader}
+    results["caption_bf16"] = caption_bf16
     models._summarise(results)
     models._print(results, print_table)
     out = capsys.readouterr().out
     assert "BASE training step" in out and "x the bound" in out and "label store" in out
+    assert "bfloat16" in out and "bf16 autocast" in out
     assert "speedup_vs_reference" in caption and "loader_vs_bound" in loader
     assert "meets_target" in train and "peak_rss_vs_reference" in train
+    assert "meets_target" not in bf16  # the float32 targets are not judged on bf16 rows
+    assert loader["step_samples_per_s"] == train["samples_per_s"]
 
 
 def test_bench_case_runs_in_a_fresh_process():

@@ -232,3 +232,33 @@ def test_sparse_lookup_gradient_equals_dense(host):
     hidden, _ = lang(ids, None)  # text alone, no head: only the sparse lookup gradient
     hidden.square().sum().backward()
     assert w.grad is not None and not w.grad.is_sparse
+
+
+def test_cast_weights_once_is_autocast_cast_once():
+    from prismkit.core.layers import cast_weights_once
+
+    torch.manual_seed(0)
+    w, b, x = torch.randn(40, 24), torch.randn(40), torch.randn(12, 1, 24)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.linear(x, w, b)  # autocast casts x, w and b to bfloat16 at every call
+        plain = linear(x, w, b)  # an autocast op, not oneDNN's float32 inner product
+        assert plain.dtype == torch.bfloat16
+        torch.testing.assert_close(plain, want, rtol=2e-2, atol=2e-2)
+        with cast_weights_once() as store:
+            got = linear(x, w, b)
+            again = linear(x, w, b)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want) and torch.equal(again, want)
+        assert len(store) == 2 and all(c.dtype == torch.bfloat16 for _, _, c in store.values())
+        cast = store[id(w)][2]
+        with cast_weights_once(store):
+            linear(x, w, b)
+        assert store[id(w)][2] is cast  # reused across entries with the same store
+        w.mul_(2)  # changed in place: cast again
+        with cast_weights_once(store):
+            torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=0, atol=0)
+        assert store[id(w)][2] is not cast
+    with torch.no_grad(), cast_weights_once() as store:  # no autocast: nothing is cast
+        assert torch.equal(linear(x, w, b), F.linear(x, w, b)) and not store
+    with torch.autocast("cpu", dtype=torch.bfloat16), cast_weights_once() as store:
+        linear(x, w.requires_grad_(), b)  # autograd: autocast's own casts
+        assert not store

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import batch_for
+from torch import nn
 
 from prismkit.core.generation import BeamConfig, beam_search, generate_beams, rank_answers
 from prismkit.core.model import create_model
@@ -188,3 +189,34 @@ def test_decoder_step_keeps_cross_attention_keys_heads_major(trained_ish):
     kvs = [kv for kv in cache.cross_kv if kv is not None]
     assert kvs and all(k.is_contiguous() and v.is_contiguous() for k, v in kvs)
     assert kvs[0][0].shape[0] == ids.shape[0]  # one image's keys serve its beams
+
+
+def test_decoding_under_autocast_casts_each_weight_once(trained_ish, monkeypatch):
+    """The step function casts the decoder's weights once per generation: the same captions and
+    scores as autocast casting them at every step."""
+    import contextlib
+
+    from prismkit.core import generation, layers
+
+    model, vision, ids, mask = trained_ish
+    cfg = BeamConfig(beams=3, max_length=12, min_length=6)
+    casts: list[int] = []  # the weights actually cast (cache misses)
+    real = layers._cast_once
+
+    def counted(t, dtype, store):
+        before = store.get(id(t))
+        out = real(t, dtype, store)
+        if before is None or before[2] is not out:
+            casts.append(id(t))
+        return out
+
+    monkeypatch.setattr(layers, "_cast_once", counted)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        once = beam_search(model.language, vision, ids, mask, EOS, PAD, cfg)
+        monkeypatch.setattr(generation, "cast_weights_once", lambda store: contextlib.nullcontext())
+        every_step = beam_search(model.language, vision, ids, mask, EOS, PAD, cfg)
+    assert torch.equal(once.sequences, every_step.sequences)
+    torch.testing.assert_close(once.scores, every_step.scores, rtol=0, atol=0)
+    weights = [p for m in model.language.modules() if isinstance(m, nn.Linear) for p in [m.weight]]
+    cast = [c for c in casts if c in {id(w) for w in weights}]
+    assert len(cast) == len(set(cast)) == len(weights)  # every linear weight, each once
