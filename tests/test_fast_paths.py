@@ -27,6 +27,12 @@ def test_activations_forward_exactly_and_gradcheck():
     assert torch.autograd.gradcheck(squared_relu, (x64,))
     with torch.no_grad():  # no graph, no saved tensors
         assert quick_gelu(x).grad_fn is None
+    # the squared ReLU's backward reads relu(x) back from its output: the same gradient, bitwise
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        xs = (torch.randn(4096) * 10).to(dtype).requires_grad_()
+        g = torch.randn(4096).to(dtype)
+        (got,) = torch.autograd.grad(squared_relu(xs), xs, g)
+        assert torch.equal(got, (g * torch.relu(xs.detach())).mul_(2)), dtype
 
 
 def test_quick_gelu_chunks_are_the_plain_formula():
