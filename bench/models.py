@@ -113,7 +113,8 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 
 
 def cpu_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 / AMX, through oneDNN)."""
+    """Whether oneDNN computes bfloat16 products on this CPU (AVX-512 CPUs; natively with
+    AVX512-BF16 or AMX, which this benchmark's CPU has)."""
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(torch.backends.mkldnn.is_available() and check is not None and check())
 
@@ -530,7 +531,7 @@ def bench_base(print_table: Callable, repeats: int = 3, loader_images: int = 128
             for b in (1, 4)
         ]
     results["caption"] = run_case(["caption", "--config", "prismer_base", "--repeats", r])
-    if not cuda and cpu_bf16_matmul():  # the GPU rows' bf16 autocast, on this CPU's AMX
+    if not cuda and cpu_bf16_matmul():  # the GPU rows' bf16 autocast, on this CPU
         bf16 = ["--config", "prismer_base", "--repeats", r, "--dtype", "bfloat16"]
         results["train"].append(run_case(["train", "--batch", "4", *bf16]))
         results["caption_bf16"] = run_case(["caption", *bf16])
@@ -641,7 +642,7 @@ def _print(results: dict[str, Any], print_table: Callable) -> None:
     cb = results.get("caption_bf16")
     if cb is not None:
         print(
-            f"  bf16 autocast (this CPU's AMX; not the float32 targets): encode {cb['encode_s']:.2f}"
+            f"  bf16 autocast (oneDNN on this CPU; not the float32 targets): encode {cb['encode_s']:.2f}"
             f" s ({100 * cb['encode_mfu']:.0f}% of the bf16 limit, {cb['limit_gflops']:.0f} "
             f"GFLOP/s), decode {cb['decode_s']:.2f} s, total {cb['total_s']:.2f} s against "
             f"{c['total_s']:.2f} s in float32; peak RSS {_gib(cb['peak_rss_bytes']):.2f} GiB"

@@ -153,7 +153,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     ``(weight @ x^T)^T``, which MKL computes 1.5x faster than ``x @ weight^T`` at 12 rows. Same
     products, summed in another order (float32 rounding). Inside :func:`cast_weights_once`,
     an autocast weight is cast once."""
-    autocast = torch.is_autocast_enabled(x.device.type)
+    # (meta tensors have no autocast state to ask about)
+    autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
     store = _CASTS.get()
     if (
         autocast

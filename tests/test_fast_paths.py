@@ -155,6 +155,8 @@ def test_small_row_linear_matches(monkeypatch, onednn):
         torch.testing.assert_close(linear(xh, wh), F.linear(xh, wh), rtol=2e-2, atol=2e-2)
     x = torch.randn(12, 24, requires_grad=True)  # autograd: the plain op
     assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+    meta = linear(torch.empty(12, 24, device="meta"), w.to("meta"))  # shapes only
+    assert meta.shape == (12, 50) and meta.device.type == "meta"
 
 
 @pytest.mark.parametrize(("size", "out"), [(224, 56), (224, 64), (30, 7), (8, 1)])
