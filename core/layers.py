@@ -59,7 +59,8 @@ class _SquaredReLU(torch.autograd.Function):
     tensor per layer where keeping ``relu(x)`` was two. ``sqrt(fl(r * r)) == r`` exactly in
     float32 and bfloat16 for ``r >= 1.1e-19`` (checked over all bfloat16 values and 2e8 random
     float32 ones; below, ``r * r`` underflows and a gradient under 2.2e-19 is that of the rounded
-    square). float16's squares underflow from ``r < 7.7e-3``, so float16 keeps ``relu(x)``."""
+    square). float16's squares underflow from ``r < 7.7e-3``, so float16 keeps ``relu(x)``.
+    The output is saved: changing it in place before the backward is an autograd error."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
