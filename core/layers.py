@@ -67,17 +67,15 @@ class _SquaredReLU(torch.autograd.Function):
         r = torch.relu(x)
         if x.dtype == torch.float16:
             ctx.save_for_backward(r)
-            ctx.root = False
             return r * r
         out = r.square_()
         ctx.save_for_backward(out)
-        ctx.root = True
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        (saved,) = ctx.saved_tensors
-        r = torch.sqrt(saved) if ctx.root else saved
+        (saved,) = ctx.saved_tensors  # relu(x) in float16, else its square
+        r = saved if saved.dtype == torch.float16 else torch.sqrt(saved)
         return (grad * r).mul_(2)
 
 
