@@ -487,7 +487,8 @@ def test_killed_two_worker_run_leaves_no_stray_temporary(tmp_path: Path, vqa_dir
     script.write_text(
         textwrap.dedent(
             """
-            import sys, time
+            import os, sys, time
+            from pathlib import Path
             from prismkit.core.expert import Expert, LabelMap
             from prismkit.labels import store as store_mod
             from prismkit.labels.runner import run_experts
@@ -501,7 +502,7 @@ def test_killed_two_worker_run_leaves_no_stray_temporary(tmp_path: Path, vqa_dir
                     return real(path, write)
                 def half(tmp):
                     write(tmp)
-                    print("hung", flush=True)
+                    Path(sys.argv[3], str(os.getpid())).touch()  # tell the test: this worker hangs
                     time.sleep(120)
                 real(path, half)
 
@@ -519,16 +520,19 @@ def test_killed_two_worker_run_leaves_no_stray_temporary(tmp_path: Path, vqa_dir
             """
         )
     )
-    root = tmp_path / "store"
+    root, hung = tmp_path / "store", tmp_path / "hung"
+    hung.mkdir()
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(vqa_dir), str(root)],
-        stdout=subprocess.PIPE,
+        [sys.executable, str(script), str(vqa_dir), str(root), str(hung)],
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
     deadline = time.monotonic() + 90
-    while len(list(root.rglob(".*.tmp"))) < 2:
+    # wait for both workers to hang, not for two temporary files: a worker's normal write also
+    # has one for a moment, and killing then would leave it with one label written, not two
+    while len(list(hung.iterdir())) < 2:
         assert proc.poll() is None, proc.stderr.read()[-2000:]  # type: ignore[union-attr]
         assert time.monotonic() < deadline
         time.sleep(0.05)
